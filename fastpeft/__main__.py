@@ -1,0 +1,92 @@
+"""Command line: ``python -m fastpeft {info,bench,demo}``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: --op name -> module exposing ``cases(device, dtype, quick) -> list[Case]``
+BENCH_OPS = {
+    "lora": "fastpeft.bench.lora",
+    "adapter": "fastpeft.bench.adapter",
+    "prefix": "fastpeft.bench.prefix",
+    "vpt": "fastpeft.bench.vpt",
+}
+
+
+def _bench(args) -> int:
+    import torch
+
+    from fastpeft import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda requested but no CUDA device is available", file=sys.stderr)
+        return 2
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}[args.dtype]
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    ops = list(BENCH_OPS) if args.op == "all" else args.op.split(",")
+    all_rows = []
+    for op in ops:
+        if op not in BENCH_OPS:
+            print(f"bench: unknown --op {op!r}; expected one of {sorted(BENCH_OPS)} or 'all'", file=sys.stderr)
+            return 2
+        try:
+            mod = importlib.import_module(BENCH_OPS[op])
+        except ModuleNotFoundError as exc:
+            print(f"bench: skipping {op}: {exc}")
+            continue
+        cases = mod.cases(device=device, dtype=dtype, quick=args.quick)
+        for c in cases:
+            c.budget_s *= args.budget_scale
+        rows = bench.run_cases(cases, csv_path=args.csv, memory=not args.no_memory)
+        all_rows += rows
+        print()
+        print(f"## {op} on {bench.device_name(device)}")
+        print(bench.format_table(rows), flush=True)
+        if args.plot:
+            path = bench.plot(rows, args.plot.replace(".png", f"_{op}.png"))
+            if path:
+                print(f"plot: {path}")
+    if args.csv:
+        print(f"\nCSV rows appended to {args.csv}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastpeft")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="which backends work here and why others don't")
+    b = sub.add_parser("bench", help="benchmark fused ops against their peers")
+    b.add_argument("--op", default="all", help=f"comma list of {sorted(BENCH_OPS)} or 'all'")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default: fp32 on CPU, bf16 on CUDA")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's)")
+    b.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
+    b.add_argument("--budget-scale", type=float, default=1.0, help="scale every case's time budget")
+    b.add_argument("--csv", default="bench_out/results.csv", help="CSV to append rows to ('' for none)")
+    b.add_argument("--plot", default="bench_out/ratio.png", help="plot path ('' for none)")
+    b.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    d = sub.add_parser("demo", help="fine-tune a tiny ViT on real digits with every method")
+    d.add_argument("rest", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.cmd == "info":
+        from fastpeft._backend import info
+
+        print(info())
+        return 0
+    if args.cmd == "bench":
+        return _bench(args)
+    if args.cmd == "demo":
+        from fastpeft import demo
+
+        return demo.main(args.rest)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""One benchmark harness and one CSV format for every op.
+
+Every benchmark builds :class:`Case` objects (one op, mode, shape and dtype, and a set of
+providers) and hands them to :func:`run_cases`, which
+
+* times providers **interleaved** in one process (the order rotates every repetition),
+  many repetitions, and reports p20/p50/p80 in milliseconds;
+* measures the peak memory of one call per provider (CUDA: the caching allocator's peak;
+  CPU: the running sum of allocations recorded by the profiler);
+* appends one CSV row per (case, provider) with :data:`COLUMNS`;
+* prints a table with each provider's ratio to the floor and fastpeft's speedup over
+  every peer.
+
+A provider is a *prep* callable returning the thunk to time: prep runs untimed before
+every repetition (e.g. a forward pass, for mode ``bwd``).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+COLUMNS = ["op", "provider", "mode", "shape", "dtype", "device", "p20_ms", "p50_ms", "p80_ms",
+           "peak_mb", "reps", "commit"]
+
+Prep = Callable[[], Callable[[], object]]
+
+
+@dataclass
+class Case:
+    op: str
+    mode: str                   # "fwd", "bwd" or "full" (fwd+bwd)
+    shape: str                  # human-readable, e.g. "M=4096 K=768 N=768 r=16"
+    dtype: torch.dtype
+    device: torch.device
+    providers: Dict[str, Prep]  # name -> prep; prep() returns the thunk to time
+    floor: Optional[str] = None  # provider the others are divided by
+    ours: str = "fastpeft"
+    min_reps: int = 10
+    budget_s: float = 6.0       # stop repeating once past this (and min_reps)
+    max_reps: int = 200
+    extra: Dict[str, object] = field(default_factory=dict)
+
+
+def commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{torch.get_num_threads()}threads"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quantiles(xs: List[float]) -> tuple:
+    qs = statistics.quantiles(xs, n=10, method="inclusive") if len(xs) > 1 else [xs[0]] * 9
+    return qs[1], statistics.median(xs), qs[7]
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the running sum of CPU allocations made while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    cur = peak = 0
+    for _, n in events:
+        cur += n
+        peak = max(peak, cur)
+    return peak
+
+
+def peak_memory_mb(prep: Prep, device: torch.device) -> float:
+    run = prep()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return _cpu_peak_bytes(run) / 2**20
+
+
+def _time_once(run: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        import triton.testing
+
+        # do_bench flushes L2 and times on CUDA events; a short rep keeps providers interleaved.
+        return float(triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median"))
+    t0 = time.perf_counter()
+    run()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure(case: Case, warmup: int = 2) -> Dict[str, List[float]]:
+    names = list(case.providers)
+    for _ in range(warmup):
+        for n in names:
+            r = case.providers[n]()
+            r()
+    _sync(case.device)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    start = time.perf_counter()
+    rep = 0
+    while rep < case.max_reps and (rep < case.min_reps or time.perf_counter() - start < case.budget_s):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for n in order:
+            run = case.providers[n]()
+            _sync(case.device)
+            times[n].append(_time_once(run, case.device))
+        rep += 1
+    return times
+
+
+def run_cases(cases: List[Case], csv_path: Optional[str] = None, memory: bool = True,
+              progress: bool = True) -> List[dict]:
+    rows: List[dict] = []
+    sha = commit()
+    for i, case in enumerate(cases):
+        if progress:
+            print(f"[{i + 1}/{len(cases)}] {case.op} {case.mode} {case.shape} {str(case.dtype)[6:]}",
+                  flush=True)
+        times = measure(case)
+        for name, ts in times.items():
+            p20, p50, p80 = _quantiles(ts)
+            peak = peak_memory_mb(case.providers[name], case.device) if memory else float("nan")
+            rows.append(dict(op=case.op, provider=name, mode=case.mode, shape=case.shape,
+                             dtype=str(case.dtype).replace("torch.", ""),
+                             device=device_name(case.device), p20_ms=round(p20, 4),
+                             p50_ms=round(p50, 4), p80_ms=round(p80, 4), peak_mb=round(peak, 2),
+                             reps=len(ts), commit=sha, _floor=case.floor, _ours=case.ours))
+    if csv_path:
+        write_csv(rows, csv_path)
+    return rows
+
+
+def write_csv(rows: List[dict], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def format_table(rows: List[dict]) -> str:
+    """Markdown table: p50 (p20-p80), peak memory, ratio to floor, fastpeft's speedup."""
+    out = ["| op | mode | shape | dtype | provider | p50 ms (p20-p80) | peak MB | × floor | fastpeft speedup |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["mode"], r["shape"], r["dtype"], r["device"]), []).append(r)
+    for (op, mode, shape, dtype, _dev), rs in groups.items():
+        by = {r["provider"]: r for r in rs}
+        floor = by.get(rs[0].get("_floor"))
+        ours = by.get(rs[0].get("_ours", "fastpeft"))
+        for r in rs:
+            ratio = f"{r['p50_ms'] / floor['p50_ms']:.2f}" if floor else "-"
+            speed = (f"{r['p50_ms'] / ours['p50_ms']:.2f}×" if ours and r is not ours and r is not floor
+                     else "")
+            out.append(f"| {op} | {mode} | {shape} | {dtype} | {r['provider']} | {r['p50_ms']:.3f} "
+                       f"({r['p20_ms']:.3f}-{r['p80_ms']:.3f}) | {r['peak_mb']:.1f} | {ratio} | {speed} |")
+    return "\n".join(out)
+
+
+def plot(rows: List[dict], path: str, x_key: str = "tokens") -> Optional[str]:
+    """Plot each provider's ratio to the floor against ``x_key`` parsed from the shape string."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    import re
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series: Dict[tuple, list] = {}
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), []).append(r)
+    for (op, mode, shape, _), rs in groups.items():
+        by = {r["provider"]: r for r in rs}
+        floor = by.get(rs[0].get("_floor"))
+        m = re.search(r"\bM=(\d+)", shape) or re.search(rf"\b{x_key}=(\d+)", shape)
+        if not floor or not m:
+            continue
+        for r in rs:
+            series.setdefault((op, mode, r["provider"]), []).append((int(m.group(1)), r["p50_ms"] / floor["p50_ms"], shape))
+    for (op, mode, prov), pts in series.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{op} {mode} {prov}")
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("time / frozen floor")
+    ax.axhline(1.0, color="gray", lw=0.5)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""Drop-in layers. Modules hold parameters and merge state; the math lives in fastpeft.ops."""

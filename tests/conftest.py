@@ -1,0 +1,52 @@
+"""Test setup: Triton kernels run on CPU tensors through the interpreter when no GPU.
+
+TRITON_INTERPRET must be set before any ``fastpeft.triton`` module is imported, because
+``triton.jit`` reads it at decoration time.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _cpp_ok() -> bool:
+    from fastpeft._backend import _cpp_status
+
+    return _cpp_status() is None
+
+
+#: backends runnable on this machine, for parametrising op tests
+TEST_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def backend_params():
+    """pytest params for every backend, skipped where it cannot run."""
+    return [
+        pytest.param("reference", id="reference"),
+        pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not _cpp_ok(), reason="C++ backend not built")),
+        pytest.param("triton", id="triton", marks=pytest.mark.skipif(not _triton_ok(), reason="triton missing")),
+    ]
+
+
+def device_for(backend: str) -> str:
+    """Device a backend's tests run on: the C++ backend is CPU-only; triton uses CUDA if any."""
+    return "cpu" if backend in ("cpu", "reference") and not torch.cuda.is_available() or backend == "cpu" \
+        else TEST_DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
