@@ -94,6 +94,7 @@ def why_not(backend: str, family: str, device: torch.device) -> Optional[str]:
 _warned = False
 
 
+@torch.compiler.assume_constant_result  # a trace-time constant for torch.compile
 def select_backend(family: str, device: torch.device, backend: Optional[str] = None) -> str:
     """Return the backend to run ``family`` on ``device`` (explicit > env > automatic)."""
     requested = backend or os.environ.get("FASTPEFT_BACKEND") or None

@@ -31,13 +31,21 @@ def _cpp_ok() -> bool:
 TEST_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def backend_params():
-    """pytest params for every backend, skipped where it cannot run."""
-    return [
-        pytest.param("reference", id="reference"),
-        pytest.param("cpu", id="cpu", marks=pytest.mark.skipif(not _cpp_ok(), reason="C++ backend not built")),
-        pytest.param("triton", id="triton", marks=pytest.mark.skipif(not _triton_ok(), reason="triton missing")),
-    ]
+def backend_params(family=None):
+    """pytest params for every backend, each skipped (saying why) where it cannot run ``family``."""
+    from fastpeft._backend import why_not
+
+    def reason(backend):
+        if family is None:
+            ok = _cpp_ok() if backend == "cpu" else _triton_ok() if backend == "triton" else True
+            return None if ok else f"{backend} backend unavailable"
+        return why_not(backend, family, torch.device(device_for(backend)))
+
+    params = []
+    for backend in ("reference", "cpu", "triton"):
+        why = reason(backend)
+        params.append(pytest.param(backend, id=backend, marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return params
 
 
 def device_for(backend: str) -> str:

@@ -49,10 +49,9 @@ def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tens
 
 @lora_bwd.register_fake
 def _(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_x, need_weight, need_bias, backend):
-    e = x.new_empty(0)
-    return (x.new_empty(x.shape) if need_x else e,
-            weight.new_empty(weight.shape) if need_weight else e,
-            weight.new_empty(weight.shape[0]) if need_bias else e,
+    return (x.new_empty(x.shape if need_x else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            weight.new_empty(weight.shape[0] if need_bias else 0),
             lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape))
 
 
