@@ -1,0 +1,411 @@
+// Fused bottleneck adapter for CPU tensors (family "adapter"; see fastpeft/ops/adapter.py):
+//
+//   z = x·Wdᵀ + bd                                  (M, m) pre-activation, returned (saved for bwd)
+//   y = R + scale ⊙ (drop(act(z))·Wuᵀ + bu)         (M, d), R = x or the given residual
+//
+// Row-blocked: each block of BR rows of x stays in L2 through the down-projection, bias,
+// activation, dropout, up-projection, bias, scale and residual add, so x and y are each
+// streamed through memory once. The scale is folded into the up weight once per call
+// (Wus = diag(scale)·Wu, c = scale ⊙ bu), so y_blk = R_blk + c, then y_blk += h·Wusᵀ.
+// Blocks run in parallel (at::parallel_for); GEMMs on a block are single-threaded ATen/BLAS
+// calls. Backward is blocked the same way and recomputes act(z) and the dropout mask from z;
+// weight gradients go to per-thread accumulators reduced at the end.
+// fp32/fp64 compute natively; fp16/bf16 are upcast to fp32 and the results cast back.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/Context.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using at::Tensor;
+
+enum class Act { Relu, Gelu, GeluTanh, Silu, Identity };
+
+Act parse_act(const std::string& a) {
+  if (a == "relu") return Act::Relu;
+  if (a == "gelu") return Act::Gelu;
+  if (a == "gelu_tanh") return Act::GeluTanh;
+  if (a == "silu") return Act::Silu;
+  if (a == "identity") return Act::Identity;
+  TORCH_CHECK(false, "adapter: unknown activation '", a, "'; expected relu, gelu, gelu_tanh, silu or identity");
+}
+
+// h = act(z) for a block; vectorised ATen kernels (run single-threaded inside a parallel region).
+void act_fwd(Act act, Tensor& h, const Tensor& z) {
+  switch (act) {
+    case Act::Relu: at::clamp_min_out(h, z, 0); break;
+    case Act::Gelu: at::gelu_out(h, z, "none"); break;
+    case Act::GeluTanh: at::gelu_out(h, z, "tanh"); break;
+    case Act::Silu: at::silu_out(h, z); break;
+    case Act::Identity: h.copy_(z); break;
+  }
+}
+
+// dz = dh ⊙ act'(z) for a block.
+void act_bwd(Act act, Tensor& dz, const Tensor& dh, const Tensor& z) {
+  switch (act) {
+    case Act::Relu: at::threshold_backward_out(dz, dh, z, 0); break;
+    case Act::Gelu: at::gelu_backward_out(dz, dh, z, "none"); break;
+    case Act::GeluTanh: at::gelu_backward_out(dz, dh, z, "tanh"); break;
+    case Act::Silu: at::silu_backward_out(dz, dh, z); break;
+    case Act::Identity: dz.copy_(dh); break;
+  }
+}
+
+struct Dropout {
+  bool on = false;
+  uint32_t seed = 0, threshold = 0;
+  double inv_keep = 1.0;
+};
+
+Dropout make_dropout(double p, const c10::optional<Tensor>& seed) {
+  Dropout d;
+  if (p > 0.0 && seed.has_value() && seed->defined()) {
+    TORCH_CHECK(p < 1.0, "adapter: dropout_p must be < 1, got ", p);
+    d.on = true;
+    d.seed = static_cast<uint32_t>(seed->item<int64_t>());
+    // Same rounding as fastpeft._dropout.threshold: min(round(p * 2**32), 2**32 - 1).
+    double t = std::nearbyint(p * 4294967296.0);
+    d.threshold = t >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(t);
+    d.inv_keep = 1.0 / (1.0 - p);
+  }
+  return d;
+}
+
+// mult[i*m + j] = keep(row0+i, j) / (1-p) or 0, for a block of rows; the same multiplier
+// serves the forward mask on h and the backward mask on dh.
+template <typename T>
+void dropout_mult(const Dropout& dp, T* mult, int64_t row0, int64_t rows, int64_t m) {
+  const T inv = static_cast<T>(dp.inv_keep);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t base = (row0 + i) * m;
+    T* mr = mult + i * m;
+    for (int64_t j = 0; j < m; ++j) mr[j] = fastpeft::dropout_keep(dp.seed, dp.threshold, base + j) ? inv : T(0);
+  }
+}
+
+template <typename T>
+void mul_inplace(T* a, const T* b, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] *= b[i];
+}
+
+// Rows per block: a block of x (and of y / dy) of about 1.5 MiB stays in L2 (1-2 MiB per core
+// on current x86) through every step; no more rows than give each thread one block.
+int64_t block_rows(int64_t M, int64_t d, int64_t elem, int nth) {
+  // FASTPEFT_ADAPTER_BR overrides (tests use tiny blocks to cover many blocks and tails).
+  if (const char* e = std::getenv("FASTPEFT_ADAPTER_BR")) return std::max(1, std::atoi(e));
+  int64_t br = (3 * 512 * 1024) / std::max<int64_t>(1, d * elem);
+  br = std::max<int64_t>(16, std::min<int64_t>(1024, br));
+  const int64_t per_thread = (M + nth - 1) / nth;
+  br = std::min(br, std::max<int64_t>(16, (per_thread + 15) / 16 * 16));
+  return br - br % 16;
+}
+
+Tensor to_compute(const Tensor& t, at::ScalarType ct) {
+  return t.detach().to(ct).contiguous();
+}
+
+
+// ---- GEMMs ------------------------------------------------------------------------------
+// fp32 GEMMs go through oneDNN (mkldnn::_linear_pointwise, when this torch has it): its JIT
+// AVX-512 kernels run about twice as fast as the BLAS path behind at::mm on AVX-512 CPUs.
+// Everything else (fp64, no oneDNN, or FASTPEFT_ADAPTER_NO_DNNL set: tests use it to cover
+// the fallback) uses ATen's mm/addmm.
+using LinFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
+                     c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
+using LinAddFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                        c10::string_view);
+
+struct Dnnl {
+  bool ok = false;
+  std::optional<c10::TypedOperatorHandle<LinFn>> lin;
+  std::optional<c10::TypedOperatorHandle<LinAddFn>> lin_add;
+};
+
+const Dnnl& dnnl();
+
+template <typename T>
+bool use_dnnl_for() {
+  return std::is_same<T, float>::value && dnnl().ok && !std::getenv("FASTPEFT_ADAPTER_NO_DNNL");
+}
+
+const Dnnl& dnnl() {
+  static const Dnnl d = [] {
+    Dnnl r;
+    if (!at::hasMKLDNN()) return r;
+    auto& disp = c10::Dispatcher::singleton();
+    auto h1 = disp.findSchema({"mkldnn::_linear_pointwise", ""});
+    auto h2 = disp.findSchema({"mkldnn::_linear_pointwise", "binary"});
+    if (!h1 || !h2) return r;
+    try {
+      r.lin.emplace(h1->typed<LinFn>());
+      r.lin_add.emplace(h2->typed<LinAddFn>());
+      r.ok = true;
+    } catch (const std::exception&) {
+      r.ok = false;
+    }
+    return r;
+  }();
+  return d;
+}
+
+// X (n, k) · W (o, k)ᵀ + B (o,) -> new (n, o)
+Tensor linear(const Tensor& X, const Tensor& W, const c10::optional<Tensor>& B, bool use_dnnl) {
+  if (use_dnnl) return dnnl().lin->call(X, W, B, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  if (B.has_value() && B->defined()) return at::addmm(*B, X, W.t());
+  return at::mm(X, W.t());
+}
+
+// X (n, k) · W (o, k)ᵀ + B (o,) + other (n, o) -> new (n, o)
+Tensor linear_add(const Tensor& X, const Tensor& other, const Tensor& W, const c10::optional<Tensor>& B,
+                  bool use_dnnl) {
+  if (use_dnnl) return dnnl().lin_add->call(X, other, W, B, "add");
+  Tensor out = other.clone();
+  if (B.has_value() && B->defined()) out.add_(*B);
+  return out.addmm_(X, W.t());
+}
+
+// ----------------------------------------------------------------------------------------
+template <typename T>
+std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10::optional<Tensor>& bd,
+                                    const Tensor& Wu, const c10::optional<Tensor>& bu, const Tensor& scale,
+                                    const c10::optional<Tensor>& residual, Act act, const Dropout& dp) {
+  const int64_t M = x.size(0), d = x.size(1), m = Wd.size(0);
+  auto opts = x.options();
+  Tensor y = at::empty({M, d}, opts);
+  Tensor z = at::empty({M, m}, opts);
+  if (M == 0) return {y, z};
+  // Fold the scale into the up-projection: Wus = diag(scale)·Wu (d, m), c = scale ⊙ bu.
+  Tensor Wus = (Wu * scale.unsqueeze(1)).contiguous();
+  Tensor WusT = Wus.t();                     // (m, d) view for h·Wusᵀ
+  Tensor c = bu.has_value() && bu->defined() ? (scale * *bu).contiguous() : at::zeros({d}, opts);
+  Tensor WdT = Wd.t();                       // (d, m) view
+  const bool has_bd = bd.has_value() && bd->defined();
+  const Tensor R = residual.has_value() && residual->defined() ? *residual : x;
+  const T* Rp = R.data_ptr<T>();
+  const T* cp = c.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t BR = block_rows(M, d, sizeof(T), std::max(1, at::get_num_threads()));
+  const int64_t nblk = (M + BR - 1) / BR;
+  const bool use_dnnl = use_dnnl_for<T>();
+
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad;
+    Tensor h = at::empty({BR, m}, opts);
+    Tensor mult = dp.on ? at::empty({BR, m}, opts) : Tensor();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
+      Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), hb = h.narrow(0, 0, nr);
+      Tensor yb = y.narrow(0, r0, nr);
+      if (use_dnnl) {
+        Tensor zn = linear(xb, Wd, bd, true);
+        zb.copy_(zn);
+        act_fwd(act, hb, zn);
+      } else {
+        if (has_bd) at::addmm_out(zb, *bd, xb, WdT); else at::mm_out(zb, xb, WdT);
+        act_fwd(act, hb, zb);
+      }
+      if (dp.on) {
+        dropout_mult<T>(dp, mult.data_ptr<T>(), r0, nr, m);
+        mul_inplace<T>(hb.data_ptr<T>(), mult.data_ptr<T>(), nr * m);
+      }
+      if (use_dnnl) {
+        // y_blk = h·Wusᵀ + c + R_blk in one oneDNN call (binary add post-op), R_blk still hot.
+        yb.copy_(linear_add(hb, R.narrow(0, r0, nr), Wus, c, true));
+        continue;
+      }
+      // y_blk = R_blk + c while R_blk (often x_blk, just read) is still in cache ...
+      for (int64_t i = 0; i < nr; ++i) {
+        const T* rr = Rp + (r0 + i) * d;
+        T* yr = yp + (r0 + i) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) yr[j] = rr[j] + cp[j];
+      }
+      // ... then y_blk += h·Wusᵀ accumulates in place.
+      yb.addmm_(hb, WusT);
+    }
+  });
+  return {y, z};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
+    const Tensor& dy, const Tensor& x, const Tensor& Wd, const Tensor& Wu, const c10::optional<Tensor>& bu,
+    const Tensor& z, const Tensor& scale, Act act, const Dropout& dp, bool residual_is_x, bool need_x,
+    bool need_scale) {
+  const int64_t M = x.size(0), d = x.size(1), m = Wd.size(0);
+  auto opts = x.options();
+  Tensor dx = need_x ? at::empty({M, d}, opts) : at::empty({0}, opts);
+  Tensor Wus = (Wu * scale.unsqueeze(1)).contiguous();   // (d, m): dh = dy·Wus
+  Tensor WusT = Wus.t().contiguous();                    // (m, d): dh = linear(dy, WusT)
+  Tensor WdT = Wd.t().contiguous();                      // (d, m): dz·Wd = linear(dz, WdT)
+  const int nth = std::max(1, at::get_num_threads());
+  const int64_t BR = block_rows(M, d, sizeof(T), nth);
+  const int64_t nblk = M == 0 ? 0 : (M + BR - 1) / BR;
+  const bool use_dnnl = use_dnnl_for<T>();
+  // Per-thread accumulators: Gᵀ = hᵀ·dy (m, d), s = colsum(dy) (d,), dWd = dzᵀ·x (m, d), dbd (m,).
+  Tensor GT_t = at::zeros({nth, m, d}, opts), s_t = at::zeros({nth, d}, opts);
+  Tensor dWd_t = at::zeros({nth, m, d}, opts), dbd_t = at::zeros({nth, m}, opts);
+  std::vector<char> used(nth, 0);
+  const T* dyp = dy.data_ptr<T>();
+
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad;
+    const int tid = at::get_thread_num();
+    used[tid] = 1;
+    Tensor GT = GT_t[tid], dWd = dWd_t[tid];
+    T* sp = s_t[tid].data_ptr<T>();
+    T* dbdp = dbd_t[tid].data_ptr<T>();
+    Tensor h = at::empty({BR, m}, opts), dh = at::empty({BR, m}, opts), dz = at::empty({BR, m}, opts);
+    Tensor mult = dp.on ? at::empty({BR, m}, opts) : Tensor();
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
+      Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), dyb = dy.narrow(0, r0, nr);
+      Tensor hb = h.narrow(0, 0, nr), dhb = dh.narrow(0, 0, nr), dzb = dz.narrow(0, 0, nr);
+      act_fwd(act, hb, zb);                                   // recompute h = act(z)
+      if (use_dnnl) dhb.copy_(linear(dyb, WusT, c10::nullopt, true));
+      else at::mm_out(dhb, dyb, Wus);                         // dh = dy·Wus   (nr, m)
+      if (dp.on) {
+        T* mp = mult.data_ptr<T>();
+        dropout_mult<T>(dp, mp, r0, nr, m);
+        mul_inplace<T>(hb.data_ptr<T>(), mp, nr * m);
+        mul_inplace<T>(dhb.data_ptr<T>(), mp, nr * m);
+      }
+      act_bwd(act, dzb, dhb, zb);                             // dz = dh ⊙ act'(z)
+      if (use_dnnl) {
+        // Weight gradients as (m, d) outputs: Gᵀ += hᵀ·dy, dWd += dzᵀ·x. dy/x enter as
+        // column-major weights (views), the small (m, nr) operands are transposed copies.
+        GT.add_(linear(hb.t().contiguous(), dyb.t(), c10::nullopt, true));
+        dWd.add_(linear(dzb.t().contiguous(), xb.t(), c10::nullopt, true));
+      } else {
+        GT.addmm_(hb.t(), dyb);
+        dWd.addmm_(dzb.t(), xb);
+      }
+      const T* dzp = dzb.data_ptr<T>();
+      for (int64_t i = 0; i < nr; ++i) {
+        const T* dr = dyp + (r0 + i) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) sp[j] += dr[j];
+        const T* zr = dzp + i * m;
+#pragma omp simd
+        for (int64_t j = 0; j < m; ++j) dbdp[j] += zr[j];
+      }
+      if (need_x) {
+        Tensor dxb = dx.narrow(0, r0, nr);
+        if (use_dnnl) {
+          dxb.copy_(residual_is_x ? linear_add(dzb, dyb, WdT, c10::nullopt, true)   // dy + dz·Wd
+                                  : linear(dzb, WdT, c10::nullopt, true));
+        } else if (residual_is_x) {
+          dxb.copy_(dyb);
+          dxb.addmm_(dzb, Wd);                                // dx = dy + dz·Wd
+        } else {
+          at::mm_out(dxb, dzb, Wd);
+        }
+      }
+    }
+  });
+  // Reduce the accumulators of the threads that ran.
+  std::vector<int64_t> ids;
+  for (int i = 0; i < nth; ++i) if (used[i]) ids.push_back(i);
+  Tensor G, s, dWd, dbd;
+  if (ids.empty()) {
+    G = at::zeros({d, m}, opts); s = at::zeros({d}, opts); dWd = at::zeros({m, d}, opts); dbd = at::zeros({m}, opts);
+  } else {
+    Tensor idx = at::tensor(ids, at::kLong);
+    G = GT_t.index_select(0, idx).sum(0).t();
+    s = s_t.index_select(0, idx).sum(0);
+    dWd = dWd_t.index_select(0, idx).sum(0);
+    dbd = dbd_t.index_select(0, idx).sum(0);
+  }
+  Tensor dWu = (G * scale.unsqueeze(1)).contiguous();
+  Tensor dbu = s * scale;
+  Tensor ds = at::empty({0}, opts);
+  if (need_scale) {
+    ds = (Wu * G).sum(1);
+    if (bu.has_value() && bu->defined()) ds.add_(*bu * s);
+  }
+  return {dx, dWd, dbd, dWu, dbu, ds};
+}
+
+at::ScalarType compute_type(const Tensor& x) {
+  auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "adapter: x must be a floating tensor, got ", st);
+  return (st == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+c10::optional<Tensor> opt_to(const c10::optional<Tensor>& t, at::ScalarType ct) {
+  if (t.has_value() && t->defined()) return to_compute(*t, ct);
+  return c10::nullopt;
+}
+
+std::tuple<Tensor, Tensor> adapter_fwd(const Tensor& x, const Tensor& down_weight,
+                                       const c10::optional<Tensor>& down_bias, const Tensor& up_weight,
+                                       const c10::optional<Tensor>& up_bias, const Tensor& scale,
+                                       const c10::optional<Tensor>& residual, std::string activation,
+                                       double dropout_p, const c10::optional<Tensor>& seed) {
+  TORCH_CHECK(x.dim() == 2 && down_weight.dim() == 2 && up_weight.dim() == 2, "adapter_fwd: 2-D x and weights");
+  TORCH_CHECK(x.device().is_cpu(), "adapter_fwd (C++): CPU tensors only");
+  const Act act = parse_act(activation);
+  const Dropout dp = make_dropout(dropout_p, seed);
+  const auto ct = compute_type(x);
+  Tensor xc = to_compute(x, ct);
+  Tensor Wd = to_compute(down_weight, ct), Wu = to_compute(up_weight, ct), sc = to_compute(scale, ct);
+  auto bd = opt_to(down_bias, ct), bu = opt_to(up_bias, ct), R = opt_to(residual, ct);
+  std::tuple<Tensor, Tensor> out;
+  if (ct == at::kDouble) out = fwd_impl<double>(xc, Wd, bd, Wu, bu, sc, R, act, dp);
+  else out = fwd_impl<float>(xc, Wd, bd, Wu, bu, sc, R, act, dp);
+  if (x.scalar_type() != ct) {
+    return {std::get<0>(out).to(x.scalar_type()), std::get<1>(out).to(x.scalar_type())};
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_bwd(
+    const Tensor& dy, const Tensor& x, const Tensor& down_weight, const Tensor& up_weight,
+    const c10::optional<Tensor>& up_bias, const Tensor& z, const Tensor& scale, std::string activation,
+    double dropout_p, const c10::optional<Tensor>& seed, bool residual_is_x, bool need_x, bool need_scale) {
+  TORCH_CHECK(x.dim() == 2 && dy.dim() == 2 && z.dim() == 2, "adapter_bwd: 2-D dy, x and z");
+  TORCH_CHECK(x.device().is_cpu(), "adapter_bwd (C++): CPU tensors only");
+  const Act act = parse_act(activation);
+  const Dropout dp = make_dropout(dropout_p, seed);
+  const auto ct = compute_type(x);
+  Tensor dyc = to_compute(dy, ct), xc = to_compute(x, ct), zc = to_compute(z, ct);
+  Tensor Wd = to_compute(down_weight, ct), Wu = to_compute(up_weight, ct), sc = to_compute(scale, ct);
+  auto bu = opt_to(up_bias, ct);
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> out;
+  if (ct == at::kDouble) out = bwd_impl<double>(dyc, xc, Wd, Wu, bu, zc, sc, act, dp, residual_is_x, need_x, need_scale);
+  else out = bwd_impl<float>(dyc, xc, Wd, Wu, bu, zc, sc, act, dp, residual_is_x, need_x, need_scale);
+  if (x.scalar_type() != ct) {
+    auto st = x.scalar_type();
+    return {std::get<0>(out).to(st), std::get<1>(out).to(st), std::get<2>(out).to(st),
+            std::get<3>(out).to(st), std::get<4>(out).to(st), std::get<5>(out).to(st)};
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastpeft_cpu, m) {
+  m.def("adapter_fwd(Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, Tensor? up_bias, "
+        "Tensor scale, Tensor? residual, str activation, float dropout_p, Tensor? seed) -> (Tensor, Tensor)",
+        &adapter_fwd);
+  m.def("adapter_bwd(Tensor dy, Tensor x, Tensor down_weight, Tensor up_weight, Tensor? up_bias, Tensor z, "
+        "Tensor scale, str activation, float dropout_p, Tensor? seed, bool residual_is_x, bool need_x, "
+        "bool need_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+        &adapter_bwd);
+}
