@@ -1,0 +1,189 @@
+"""Linear (or MLP-k) probing of a frozen backbone, and a feature cache that runs it only once."""
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from fastpeft.strategies.freezing import freeze
+
+__all__ = ["pool_tokens", "LinearProbe", "FeatureCache"]
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str = "cls", num_prefix_tokens: int = 1,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B, T, D) -> (B, D)``.
+
+    ``"cls"``: token 0. ``"mean"``: mean of ``tokens[:, num_prefix_tokens:]``, so [CLS] and
+    prompt tokens never count; ``mask`` ``(B, T - num_prefix_tokens)`` (1 = real token) restricts
+    the mean to real tokens (text padding).
+    """
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens: expected shape (B, T, D), got {tuple(tokens.shape)}")
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool != "mean":
+        raise ValueError(f"pool: expected 'cls' or 'mean', got {pool!r}")
+    body = tokens[:, num_prefix_tokens:]
+    if body.shape[1] == 0:
+        raise ValueError(f"num_prefix_tokens: expected fewer than T={tokens.shape[1]} tokens, got {num_prefix_tokens}")
+    if mask is None:
+        return body.mean(dim=1)
+    if tuple(mask.shape) != tuple(body.shape[:2]):
+        raise ValueError(f"mask: expected shape {tuple(body.shape[:2])} (tokens after the "
+                         f"{num_prefix_tokens} prefix tokens), got {tuple(mask.shape)}")
+    m = mask.to(body.dtype).unsqueeze(-1)
+    return (body * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def _default_tokens(backbone: nn.Module, *args, **kwargs) -> torch.Tensor:
+    if hasattr(backbone, "forward_features"):  # fastpeft / timm ViT: normed tokens
+        return backbone.forward_features(*args, **kwargs)
+    out = backbone(*args, **kwargs)
+    if hasattr(out, "last_hidden_state"):  # fastpeft BERT, HF models
+        return out.last_hidden_state
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class LinearProbe(nn.Module):
+    """A frozen backbone + a trainable head on its pooled features.
+
+    Args:
+        backbone: model returning tokens ``(B, T, D)`` from ``forward_features`` (ViT) or as
+            ``last_hidden_state`` / first output (BERT, HF); frozen and kept in eval mode.
+        num_classes: outputs of the default head, a zero-initialised ``nn.Linear(dim, num_classes)``.
+        pool: ``"cls"`` or ``"mean"`` (see :func:`pool_tokens`).
+        num_prefix_tokens: tokens before the content skipped by mean pooling; None reads
+            ``backbone.num_prefix_tokens`` at every call (VPT raises it), else 0.
+        head: a head module to use instead (e.g. :class:`MLPHead` for MLP-k probing).
+        dim: feature width; read from ``backbone.config`` (``dim`` / ``hidden_size``) when None.
+        tokens_fn: ``tokens_fn(backbone, *args, **kwargs) -> (B, T, D)`` to override the above.
+
+    ``forward(*args, **kwargs)`` passes its arguments to the backbone; an ``attention_mask``
+    keyword also masks mean pooling.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: Optional[int] = None, pool: str = "cls",
+                 num_prefix_tokens: Optional[int] = None, head: Optional[nn.Module] = None,
+                 dim: Optional[int] = None, tokens_fn: Optional[Callable[..., torch.Tensor]] = None):
+        super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool: expected 'cls' or 'mean', got {pool!r}")
+        self.backbone = backbone
+        self.pool, self._num_prefix_tokens = pool, num_prefix_tokens
+        self.tokens_fn = tokens_fn or _default_tokens
+        if head is None:
+            if num_classes is None:
+                raise ValueError("num_classes: expected an int when no head is given, got None")
+            if dim is None:
+                cfg = getattr(backbone, "config", None)
+                dim = getattr(cfg, "dim", None) or getattr(cfg, "hidden_size", None)
+                if dim is None:
+                    raise ValueError("dim: cannot be read from backbone.config; pass dim=")
+            ref = next(backbone.parameters(), None)
+            head = nn.Linear(dim, num_classes, device=None if ref is None else ref.device)
+            with torch.no_grad():
+                head.weight.zero_()
+                head.bias.zero_()
+        self.head = head
+        freeze(backbone)
+        backbone.eval()
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        if self._num_prefix_tokens is not None:
+            return self._num_prefix_tokens
+        return int(getattr(self.backbone, "num_prefix_tokens", 0))
+
+    def train(self, mode: bool = True) -> "LinearProbe":
+        super().train(mode)
+        self.backbone.eval()  # frozen features: no dropout, ever
+        return self
+
+    @torch.no_grad()
+    def features(self, *args, **kwargs) -> torch.Tensor:
+        """Pooled backbone features ``(B, D)`` (no autograd graph: the backbone is frozen)."""
+        mask = kwargs.get("attention_mask") if self.pool == "mean" else None
+        tokens = self.tokens_fn(self.backbone, *args, **kwargs)
+        n = self.num_prefix_tokens
+        if mask is not None and mask.shape[1] != tokens.shape[1] - n:
+            mask = None if mask.shape[1] != tokens.shape[1] else mask[:, n:]
+        return pool_tokens(tokens, self.pool, n, mask)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.head(self.features(*args, **kwargs))
+
+
+def _batches(data, batch_size: int) -> Iterable:
+    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        return DataLoader(data, batch_size=batch_size, shuffle=False)
+    return data
+
+
+class FeatureCache:
+    """Run a :class:`LinearProbe`'s frozen backbone once over a dataset; train its head on the
+    cached features as often as wanted.
+
+    ``data``: a ``Dataset`` of ``(input, label)`` (batched with ``batch_size``, in order) or
+    any iterable of ``(inputs, labels)`` batches (a DataLoader); ``inputs`` may be a tensor or a
+    dict of keyword arguments for the backbone (e.g. BERT's ``input_ids`` / ``attention_mask``).
+    ``features`` ``(N, D)`` and ``labels`` ``(N,)`` are kept on ``device`` (the features'
+    device when None).
+    """
+
+    def __init__(self, probe: LinearProbe, data: Union[Dataset, Iterable], batch_size: int = 256,
+                 device: Optional[Union[str, torch.device]] = None):
+        if not isinstance(probe, LinearProbe):
+            raise ValueError(f"probe: expected a LinearProbe, got {type(probe).__name__}")
+        self.probe = probe
+        feats: List[torch.Tensor] = []
+        labels: List[torch.Tensor] = []
+        probe.eval()
+        for batch in _batches(data, batch_size):
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise ValueError(f"data: expected (inputs, labels) batches, got {type(batch).__name__}")
+            x, y = batch[0], batch[1]
+            f = probe.features(**x) if isinstance(x, dict) else probe.features(x)
+            feats.append(f if device is None else f.to(device))
+            labels.append(torch.as_tensor(y, device=feats[-1].device))
+        if not feats:
+            raise ValueError("data: expected at least one batch, got none")
+        self.features = torch.cat(feats)
+        self.labels = torch.cat(labels)
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    def loader(self, batch_size: int = 256, shuffle: bool = False,
+               generator: Optional[torch.Generator] = None) -> DataLoader:
+        """A DataLoader over ``(feature (D,), label)`` pairs."""
+        return DataLoader(TensorDataset(self.features, self.labels), batch_size=batch_size,
+                          shuffle=shuffle, generator=generator)
+
+    def fit(self, epochs: int = 1, lr: float = 1e-3, batch_size: int = 256,
+            optimizer: Optional[torch.optim.Optimizer] = None,
+            loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+            shuffle: bool = False, generator: Optional[torch.Generator] = None) -> List[float]:
+        """Train ``probe.head`` on the cache (AdamW(lr, weight_decay=0) unless an optimizer is
+        given); returns the loss of every step."""
+        head = self.probe.head
+        head.train()
+        opt = optimizer or torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+        losses = []
+        for _ in range(epochs):
+            for f, y in self.loader(batch_size, shuffle, generator):
+                loss = loss_fn(head(f), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        return losses
+
+    @torch.no_grad()
+    def accuracy(self) -> float:
+        """Top-1 accuracy of ``probe.head`` on the cached features."""
+        self.probe.head.eval()
+        return (self.probe.head(self.features).argmax(-1) == self.labels).float().mean().item()
