@@ -215,7 +215,7 @@ class PromptEncoder(nn.Module):
         return self.embedding.weight
 
 
-class PrefixEncoder(nn.Module):
+class PeftPrefixEncoder(nn.Module):
     """Prefix tuning (PEFT's PrefixEncoder): ``-> (P, num_layers·2·token_dim)``; with
     ``projection`` an MLP maps ``embedding (P, token_dim)`` up, else the embedding is the prefix."""
 
@@ -240,21 +240,6 @@ class PrefixEncoder(nn.Module):
         return self.forward()
 
 
-class VPTEncoder(nn.Module):
-    """VPT prompts: ``prompts (L, P, dim)``, L = depth (deep) or 1 (shallow)."""
-
-    def __init__(self, layers: int, num_prompts: int, dim: int, dropout: float = 0.0, device=None, dtype=None):
-        super().__init__()
-        self.prompts = nn.Parameter(torch.empty(layers, num_prompts, dim, device=device, dtype=dtype))
-        self.dropout = nn.Dropout(dropout)
-        # VPT's init: uniform(-v, v), v = sqrt(6 / (3·patch² + dim)); patch 16, 3 channels
-        v = (6.0 / (3 * 16 * 16 + dim)) ** 0.5
-        nn.init.uniform_(self.prompts, -v, v)
-
-    def to_save(self) -> torch.Tensor:
-        return self.prompts
-
-
 def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "get_input_embeddings") and \
         not isinstance(getattr(model, "config"), _Config) and hasattr(model.config, "to_dict")
@@ -263,6 +248,20 @@ def _is_hf(model: nn.Module) -> bool:
 def _is_fastpeft_vit(model: nn.Module) -> bool:
     from fastpeft.models.vit import ViT
     return isinstance(model, ViT)
+
+
+def _is_fastpeft_bert(model: nn.Module) -> bool:
+    from fastpeft.models.bert import BertForSequenceClassification, BertModel
+    return isinstance(model, (BertModel, BertForSequenceClassification))
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module:
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings()
+    for n, m in model.named_modules():
+        if n == "embeddings.word_embeddings" or n.endswith(".embeddings.word_embeddings"):
+            return m
+    raise ValueError(f"{type(model).__name__}: found no input word embeddings for prompt tuning")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,10 +520,13 @@ class PeftModel(nn.Module):
             if isinstance(config, PromptTuningConfig):
                 raise ValueError("PromptTuningConfig: for fastpeft's ViT use VPTConfig (prompt tokens after [CLS])")
             fill = dict(num_layers=len(model.blocks), token_dim=c.dim, num_attention_heads=c.heads)
+        elif _is_fastpeft_bert(model):
+            c = model.config
+            fill = dict(num_layers=c.num_hidden_layers, token_dim=c.hidden_size, num_attention_heads=c.num_attention_heads)
         elif _is_hf(model):
             fill = _hf_prompt_dims(model, config)
         else:
-            raise ValueError(f"{type(config).__name__}: needs a Hugging Face transformers model or fastpeft's ViT, "
+            raise ValueError(f"{type(config).__name__}: needs a Hugging Face transformers model or fastpeft's ViT / BERT, "
                              f"got {type(model).__name__}")
         import dataclasses
         config = dataclasses.replace(config, **{k: v for k, v in fill.items() if getattr(config, k) is None})
@@ -534,18 +536,24 @@ class PeftModel(nn.Module):
             enc = PromptEncoder(config.num_virtual_tokens, config.token_dim, device=w.device, dtype=w.dtype)
         else:
             projection = config.prefix_projection and not config.inference_mode
-            enc = PrefixEncoder(config.num_virtual_tokens, config.token_dim, config.num_layers, projection,
+            enc = PeftPrefixEncoder(config.num_virtual_tokens, config.token_dim, config.num_layers, projection,
                                 config.encoder_hidden_size, device=w.device, dtype=w.dtype)
         self.prompt_encoder[name] = enc
         journal.on_undo(lambda: self.prompt_encoder.pop(name))
         return config
 
     def _inject_vpt(self, model, name, config: VPTConfig, journal) -> None:
+        from fastpeft.modules.vpt import VPT
+
         if not _is_fastpeft_vit(model):
             raise ValueError(f"VPTConfig: needs fastpeft's ViT (fastpeft.models.ViT), got {type(model).__name__}")
-        w = _first_param(model)
-        enc = VPTEncoder(len(model.blocks) if config.deep else 1, config.num_prompts, model.config.dim,
-                         config.dropout, device=w.device, dtype=w.dtype)
+        n_prefix = model.num_prefix_tokens
+        journal.on_undo(lambda: setattr(model, "num_prefix_tokens", n_prefix))
+        enc = VPT(model, config.num_prompts, deep=config.deep, dropout=config.dropout, train_head=False)
+        # the ViT lives in base_model.model: keep a plain reference so it is not registered twice
+        enc._modules.pop("vit")
+        object.__setattr__(enc, "vit", model)
+        model.num_prefix_tokens = n_prefix  # VPT raises it only while its prompts are in the sequence
         self.prompt_encoder[name] = enc
         journal.on_undo(lambda: self.prompt_encoder.pop(name))
 
@@ -682,9 +690,9 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         enc = self.prompt_encoder[self.active_adapter]
         if isinstance(cfg, VPTConfig):
-            return _vpt_forward(model, enc, cfg, *args, **kwargs)
-        if _is_fastpeft_vit(model):
-            return _vit_prefix_forward(model, enc, cfg, *args, **kwargs)
+            return _vpt_forward(model, enc, *args, **kwargs)
+        if isinstance(cfg, PrefixTuningConfig) and (_is_fastpeft_vit(model) or _is_fastpeft_bert(model)):
+            return _native_prefix_forward(model, enc, cfg, *args, **kwargs)
         return _hf_prompt_forward(model, enc, cfg, *args, **kwargs)
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -694,7 +702,9 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         pre = "base_model.model."
         out: Dict[str, torch.Tensor] = {}
-        if cfg.is_prompt_learning:
+        if isinstance(cfg, VPTConfig):
+            out["prompt_embeddings"] = self.prompt_encoder[name].prompt_embeddings
+        elif cfg.is_prompt_learning:
             out["prompt_embeddings"] = self.prompt_encoder[name].to_save()
         elif isinstance(cfg, LoraConfig):
             for path, m in self._lora_layers():
@@ -782,10 +792,10 @@ class PeftModel(nn.Module):
             expected = self._adapter_tensors(name)
         ckpt.validate_state(tensors, expected, path)  # everything checked before anything is assigned
         with torch.no_grad():
-            if cfg.is_prompt_learning:
+            if cfg.is_prompt_learning and not isinstance(cfg, VPTConfig):
                 enc = self.prompt_encoder[name]
                 t = tensors["prompt_embeddings"]
-                if isinstance(enc, PrefixEncoder) and enc.projection:
+                if isinstance(enc, PeftPrefixEncoder) and enc.projection:
                     # the file holds projected prefixes: keep them as the (unprojected) embedding
                     w = enc.embedding.weight
                     enc.projection = False
@@ -798,9 +808,6 @@ class PeftModel(nn.Module):
                 return
             for k, p in expected.items():
                 p.copy_(tensors[k])
-            if isinstance(cfg, BitFitConfig):
-                # loading BitFit biases defines the state disable_adapter() must restore from
-                pass
 
     def __repr__(self) -> str:
         return f"PeftModel(adapters={list(self.peft_config)}, active={self.active_adapter!r})\n{self.base_model.model!r}"
@@ -884,37 +891,29 @@ def _hf_prompt_forward(model, enc, cfg, input_ids=None, attention_mask=None, inp
                      past_key_values=cache, **kwargs)
     kwargs.pop("position_ids", None)
     if inputs_embeds is None:
-        inputs_embeds = model.get_input_embeddings()(input_ids)
+        inputs_embeds = _input_embeddings(model)(input_ids)
     if labels is not None and cfg.task_type == "CAUSAL_LM":
         kwargs["labels"] = torch.cat([torch.full((B, P), -100, dtype=labels.dtype, device=labels.device), labels], 1)
     prompts = enc().unsqueeze(0).expand(B, -1, -1).to(inputs_embeds.dtype)
     return model(inputs_embeds=torch.cat([prompts, inputs_embeds], dim=1), attention_mask=attention_mask, **kwargs)
 
 
-def _vit_prefix_forward(model, enc, cfg, images, **kwargs):
-    """Prefix tuning on fastpeft's ViT: one (1, heads, P, head_dim) key/value prefix per block,
-    shared by the whole batch (never expanded), through the fused prefix attention."""
+def _native_prefix_forward(model, enc, cfg, *args, **kwargs):
+    """Prefix tuning on fastpeft's ViT / BERT: one (1, heads, P, head_dim) key/value prefix per
+    layer, shared by the whole batch (never expanded), through the fused prefix attention
+    (prefixes are always visible, so the attention mask needs no extension)."""
     H, L, P = cfg.num_attention_heads, cfg.num_layers, cfg.num_virtual_tokens
     pkv = enc().to(_first_param(model).dtype).view(P, L * 2, H, cfg.token_dim // H).permute(1, 2, 0, 3)
-    prefix_kv = [(pkv[2 * i].unsqueeze(0), pkv[2 * i + 1].unsqueeze(0)) for i in range(L)]
-    return model(images, prefix_kv=prefix_kv, **kwargs)
+    kwargs["prefix_kv"] = [(pkv[2 * i].unsqueeze(0), pkv[2 * i + 1].unsqueeze(0)) for i in range(L)]
+    return model(*args, **kwargs)
 
 
-def _vpt_forward(model, enc: VPTEncoder, cfg: VPTConfig, images):
-    """VPT on fastpeft's ViT: prompts inserted after [CLS] (shallow), or replaced before every
-    block (deep); pooling skips them (``num_prefix_tokens`` raised while running)."""
-    x = model.embed(images)
-    B, n_pre, P = x.shape[0], model.num_prefix_tokens, cfg.num_prompts
-    prompts = enc.dropout(enc.prompts).to(x.dtype)
-    x = torch.cat([x[:, :n_pre], prompts[0].unsqueeze(0).expand(B, -1, -1), x[:, n_pre:]], dim=1)
-    for i, blk in enumerate(model.blocks):
-        if cfg.deep and i > 0:
-            x = torch.cat([x[:, :n_pre], prompts[i].unsqueeze(0).expand(B, -1, -1), x[:, n_pre + P:]], dim=1)
-        x = blk(x)
-    x = model.norm(x)
+def _vpt_forward(model, vpt, images):
+    """VPT through ``fastpeft.VPT`` (fast deep path = prompts as attention prefixes); the ViT's
+    ``num_prefix_tokens`` is raised only while the prompts are in the token sequence."""
     old = model.num_prefix_tokens
-    model.num_prefix_tokens = old + P
+    model.num_prefix_tokens = vpt.num_prefix_tokens
     try:
-        return model.forward_head(x)
+        return vpt(images)
     finally:
         model.num_prefix_tokens = old
