@@ -62,10 +62,9 @@ def adapter_bwd(dy: Tensor, x: Tensor, down_weight: Tensor, up_weight: Tensor, u
 @adapter_bwd.register_fake
 def _(dy, x, down_weight, up_weight, up_bias, z, scale, activation, dropout_p, seed, residual_is_x, need_x,
       need_scale, backend):
-    e = x.new_empty(0)
     m, d = down_weight.shape
-    return (x.new_empty(x.shape) if need_x else e, x.new_empty(m, d), x.new_empty(m), x.new_empty(d, m),
-            x.new_empty(d), x.new_empty(d) if need_scale else e)
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0), x.new_empty(m, d), x.new_empty(m),
+            x.new_empty(d, m), x.new_empty(d), x.new_empty(d) if need_scale else x.new_empty(0))
 
 
 class AdapterFunction(torch.autograd.Function):
