@@ -32,6 +32,7 @@ _LAZY = {
     "PromptTuning": "fastpeft.modules.prompt",
     "VPT": "fastpeft.modules.vpt",
     "PrefixEncoder": "fastpeft.modules.prefix",
+    "PTuningV2": "fastpeft.modules.prefix",
     # model-level API
     "LoraConfig": "fastpeft.config",
     "AdapterConfig": "fastpeft.config",
