@@ -1,0 +1,123 @@
+"""Benchmark cases for the fused bottleneck adapter: ``python -m fastpeft bench --op adapter``.
+
+Providers (one sequential adapter ``y = x + s·(act(x·Wdᵀ + bd)·Wuᵀ + bu)`` on the same x and
+weights; x and every adapter parameter require grad, as mid-network in fine-tuning):
+
+* ``copy``     - ``x.clone()``: the floor, one read and one write of x (the adapter's minimum
+  memory traffic).
+* ``eager``    - the plain-PyTorch adapter as a user writes it:
+  ``x + s * F.linear(act(F.linear(x, Wd, bd)), Wu, bu)``.
+* ``compile``  - ``torch.compile`` of the eager function (compiled during the untimed warm-up).
+* ``fastpeft`` - ``fastpeft.adapter(..., training=True)`` on the automatic backend.
+
+Modes: ``fwd`` (forward with the autograd graph recorded), ``bwd`` (backward only: the forward
+runs untimed in prep), ``full`` (forward + backward, one training step). Gradients are reset to
+None before every repetition so no provider pays for gradient accumulation.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from fastpeft.bench import Case
+
+ACT, SCALING, P = "gelu", 0.1, 0.0  # acceptance configuration: GELU, scaling 0.1, no dropout
+
+# (M tokens, d, m bottleneck): the CPU acceptance shape in every mode plus a smaller M (step only).
+CPU_SHAPES = [(8192, 768, 64)]
+CPU_SMALL = [(2048, 768, 64)]
+CUDA_SHAPES = [(16384, 4096, 64)]
+QUICK_SHAPES = [(64, 32, 8)]
+MODES = ("fwd", "bwd", "full")
+
+
+def _act(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h)
+
+
+def _eager(x, Wd, bd, Wu, bu, s: float):
+    return x + s * F.linear(_act(F.linear(x, Wd, bd)), Wu, bu)
+
+
+_compiled: Optional[Callable] = None
+
+
+def _compiled_eager() -> Callable:
+    # One compiled function for every case; compilation happens in the untimed warm-up.
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(_eager)
+    return _compiled
+
+
+def _providers(M: int, d: int, m: int, dtype: torch.dtype, device: torch.device, mode: str,
+               tensors: Optional[dict] = None) -> Tuple[Dict[str, Callable], dict]:
+    """Provider preps for one (shape, mode); ``tensors`` shares inputs between modes of a shape."""
+    import fastpeft
+
+    if tensors is None:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        mk = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)  # noqa: E731
+        tensors = dict(x=mk(M, d).requires_grad_(), Wd=mk(m, d, scale=d ** -0.5).requires_grad_(),
+                       bd=mk(m).requires_grad_(), Wu=mk(d, m, scale=m ** -0.5).requires_grad_(),
+                       bu=mk(d).requires_grad_(), dy=mk(M, d))
+    t = tensors
+    x, Wd, bd, Wu, bu, dy = t["x"], t["Wd"], t["bd"], t["Wu"], t["bu"], t["dy"]
+    comp = _compiled_eager()
+    fns: Dict[str, Callable[[], torch.Tensor]] = {
+        "copy": lambda: x.detach().clone(),
+        "eager": lambda: _eager(x, Wd, bd, Wu, bu, SCALING),
+        "compile": lambda: comp(x, Wd, bd, Wu, bu, SCALING),
+        "fastpeft": lambda: fastpeft.adapter(x, Wd, bd, Wu, bu, ACT, SCALING, dropout_p=P, training=True),
+    }
+    params = [x, Wd, bd, Wu, bu]
+
+    def zero_grads():
+        for q in params:
+            q.grad = None
+
+    def prep_for(name, fn):
+        if name == "copy":  # the floor is the same copy in every mode
+            return lambda: fn
+        if mode == "fwd":
+            def prep():
+                zero_grads()
+                return fn
+        elif mode == "bwd":
+            def prep():
+                zero_grads()
+                y = fn()  # untimed forward
+                return lambda: y.backward(dy)
+        else:
+            def prep():
+                zero_grads()
+                return lambda: fn().backward(dy)
+        return prep
+
+    return {name: prep_for(name, fn) for name, fn in fns.items()}, tensors
+
+
+def cases(device, dtype, quick: bool) -> List[Case]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        plan = [(s, m) for s in CUDA_SHAPES for m in MODES]
+    elif quick:
+        plan = [(s, m) for s in QUICK_SHAPES for m in MODES]
+    else:
+        plan = [(s, m) for s in CPU_SHAPES for m in MODES] + [(s, "full") for s in CPU_SMALL]
+    out: List[Case] = []
+    shared: Dict[tuple, dict] = {}
+    for (M, d, m), mode in plan:
+        provs, shared[(M, d, m)] = _providers(M, d, m, dtype, device, mode, shared.get((M, d, m)))
+        if device.type == "cuda":
+            b, mr = 3.0, 5
+        elif quick:
+            b, mr = 0.3, 3
+        else:  # CPU defaults: the whole run fits in about 2 minutes on 2 cores
+            b, mr = (7.0, 8) if M >= 8192 else (3.0, 8)
+        out.append(Case(op="adapter", mode=mode, shape=f"M={M} d={d} m={m} act={ACT} s={SCALING}",
+                        dtype=dtype, device=device, providers=provs, floor="copy", ours="fastpeft",
+                        min_reps=mr, budget_s=b))
+    return out
