@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from fastpeft._validate import check_tensor
 
-__all__ = ["interpolate_pos_embed", "grid_size"]
+__all__ = ["interpolate_pos_embed", "grid_size", "resize_pos_embed"]
 
 
 def _pair(v, name: str) -> Tuple[int, int]:
@@ -73,3 +73,16 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, old_grid, new_grid, n_prefix:
     grid = F.interpolate(grid, size=(nh, nw), mode=mode, **kw)
     grid = grid.permute(0, 2, 3, 1).reshape(b, nh * nw, d).to(pos_embed.dtype)
     return torch.cat([prefix, grid], dim=1)
+
+
+def resize_pos_embed(model, image_size):
+    """Permanently resize a ViT's ``pos_embed`` for ``image_size`` (int or (H, W)); returns the model.
+
+    For fine-tuning at a higher resolution: call before building the optimizer. Delegates to
+    ``model.set_image_size`` (:class:`fastpeft.models.ViT`), which interpolates with
+    :func:`interpolate_pos_embed` and keeps [CLS]'s row apart.
+    """
+    if not hasattr(model, "set_image_size"):
+        raise ValueError(f"model: expected a fastpeft.models.ViT (with set_image_size), got {type(model).__name__}")
+    model.set_image_size(image_size)
+    return model

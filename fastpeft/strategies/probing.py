@@ -127,32 +127,49 @@ class FeatureCache:
     """Run a :class:`LinearProbe`'s frozen backbone once over a dataset; train its head on the
     cached features as often as wanted.
 
-    ``data``: a ``Dataset`` of ``(input, label)`` (batched with ``batch_size``, in order) or
-    any iterable of ``(inputs, labels)`` batches (a DataLoader); ``inputs`` may be a tensor or a
-    dict of keyword arguments for the backbone (e.g. BERT's ``input_ids`` / ``attention_mask``).
-    ``features`` ``(N, D)`` and ``labels`` ``(N,)`` are kept on ``device`` (the features'
-    device when None).
+    Args:
+        probe: the :class:`LinearProbe` (its ``features`` are cached and ``fit`` trains its
+            head), or any callable ``inputs -> (B, D)`` features (then ``fit`` needs a ``head``).
+        data: a ``Dataset`` of ``(input, label)`` (batched with ``batch_size``, in order), any
+            iterable of ``(inputs, labels)`` batches (a DataLoader), or, with ``labels``, a
+            tensor of all inputs ``(N, ...)``. ``inputs`` may be a tensor or a dict of keyword
+            arguments for the backbone (e.g. BERT's ``input_ids`` / ``attention_mask``).
+        labels: ``(N,)`` labels when ``data`` is a tensor of inputs.
+        device: where ``features (N, D)`` and ``labels (N,)`` are kept (the features' device when None).
     """
 
-    def __init__(self, probe: LinearProbe, data: Union[Dataset, Iterable], batch_size: int = 256,
+    def __init__(self, probe: Union[LinearProbe, Callable[..., torch.Tensor]], data: Union[Dataset, Iterable, torch.Tensor],
+                 labels: Optional[torch.Tensor] = None, batch_size: int = 256,
                  device: Optional[Union[str, torch.device]] = None):
-        if not isinstance(probe, LinearProbe):
-            raise ValueError(f"probe: expected a LinearProbe, got {type(probe).__name__}")
-        self.probe = probe
+        if not callable(probe):
+            raise ValueError(f"probe: expected a LinearProbe or a features callable, got {type(probe).__name__}")
+        self.probe = probe if isinstance(probe, LinearProbe) else None
+        if isinstance(probe, LinearProbe):
+            features_fn = probe.features
+        else:
+            def features_fn(*args, **kwargs):
+                with torch.no_grad():  # a frozen feature extractor: no graph to keep
+                    return probe(*args, **kwargs)
+        if labels is not None:
+            if not isinstance(data, torch.Tensor) or len(data) != len(labels):
+                raise ValueError(f"data: expected a tensor of {len(labels)} inputs to go with labels, "
+                                 f"got {type(data).__name__} of length {len(data)}")
+            data = [(data[i:i + batch_size], labels[i:i + batch_size]) for i in range(0, len(data), batch_size)]
         feats: List[torch.Tensor] = []
-        labels: List[torch.Tensor] = []
-        probe.eval()
+        ys: List[torch.Tensor] = []
+        if self.probe is not None:
+            self.probe.eval()
         for batch in _batches(data, batch_size):
             if not isinstance(batch, (tuple, list)) or len(batch) < 2:
                 raise ValueError(f"data: expected (inputs, labels) batches, got {type(batch).__name__}")
             x, y = batch[0], batch[1]
-            f = probe.features(**x) if isinstance(x, dict) else probe.features(x)
+            f = features_fn(**x) if isinstance(x, dict) else features_fn(x)
             feats.append(f if device is None else f.to(device))
-            labels.append(torch.as_tensor(y, device=feats[-1].device))
+            ys.append(torch.as_tensor(y, device=feats[-1].device))
         if not feats:
             raise ValueError("data: expected at least one batch, got none")
         self.features = torch.cat(feats)
-        self.labels = torch.cat(labels)
+        self.labels = torch.cat(ys)
 
     def __len__(self) -> int:
         return self.features.shape[0]
@@ -163,13 +180,21 @@ class FeatureCache:
         return DataLoader(TensorDataset(self.features, self.labels), batch_size=batch_size,
                           shuffle=shuffle, generator=generator)
 
+    def _head(self, head: Optional[nn.Module]) -> nn.Module:
+        if head is not None:
+            return head
+        if self.probe is None:
+            raise ValueError("head: expected a head module (the cache was not built from a LinearProbe), got None")
+        return self.probe.head
+
     def fit(self, epochs: int = 1, lr: float = 1e-3, batch_size: int = 256,
             optimizer: Optional[torch.optim.Optimizer] = None,
             loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
-            shuffle: bool = False, generator: Optional[torch.Generator] = None) -> List[float]:
-        """Train ``probe.head`` on the cache (AdamW(lr, weight_decay=0) unless an optimizer is
-        given); returns the loss of every step."""
-        head = self.probe.head
+            shuffle: bool = False, generator: Optional[torch.Generator] = None,
+            head: Optional[nn.Module] = None) -> List[float]:
+        """Train ``head`` (default ``probe.head``) on the cache (AdamW(lr, weight_decay=0) unless
+        an optimizer is given); returns the loss of every step."""
+        head = self._head(head)
         head.train()
         opt = optimizer or torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
         losses = []
@@ -183,7 +208,8 @@ class FeatureCache:
         return losses
 
     @torch.no_grad()
-    def accuracy(self) -> float:
-        """Top-1 accuracy of ``probe.head`` on the cached features."""
-        self.probe.head.eval()
-        return (self.probe.head(self.features).argmax(-1) == self.labels).float().mean().item()
+    def accuracy(self, head: Optional[nn.Module] = None) -> float:
+        """Top-1 accuracy of ``head`` (default ``probe.head``) on the cached features."""
+        head = self._head(head)
+        head.eval()
+        return (head(self.features).argmax(-1) == self.labels).float().mean().item()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastpeft.models import Attention, Block, ViT, ViTConfig
-from fastpeft.models.pos_embed import interpolate_pos_embed
+from fastpeft.models.pos_embed import interpolate_pos_embed, resize_pos_embed
 
 
 def tiny(**kw):
@@ -88,6 +88,9 @@ def test_set_image_size_is_permanent_and_equivalent():
     torch.testing.assert_close(m(x), on_the_fly)
     m.set_image_size((48, 64))  # no-op
     assert m.pos_embed.shape == (1, 49, 192)
+    assert resize_pos_embed(tiny(), (48, 64)).pos_embed.shape == (1, 49, 192)  # the functional helper
+    with pytest.raises(ValueError, match="set_image_size"):
+        resize_pos_embed(nn.Linear(2, 2), 64)
 
 
 def test_block_parallel_adapter_hook():

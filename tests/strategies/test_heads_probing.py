@@ -123,6 +123,17 @@ def test_feature_cache_equals_direct_probing():
     # a Dataset works as well as a loader
     cache2 = FeatureCache(probe, TensorDataset(images, labels), batch_size=5)
     torch.testing.assert_close(cache2.features, cache.features, rtol=1e-5, atol=1e-5)
+    # ... and so do (inputs, labels) tensors, and a plain features callable with an explicit head
+    cache3 = FeatureCache(lambda x: vit.forward_features(x).mean(1), images, labels, batch_size=10)
+    assert cache3.probe is None and len(cache3) == 24
+    torch.testing.assert_close(cache3.features, vit.forward_features(images).mean(1), rtol=1e-5, atol=1e-5)
+    assert not cache3.features.requires_grad
+    head = MLPHead(192, 4, k=2)
+    assert len(cache3.fit(epochs=1, batch_size=12, head=head)) == 2 and 0.0 <= cache3.accuracy(head) <= 1.0
+    with pytest.raises(ValueError, match="head: expected a head module"):
+        cache3.fit()
+    with pytest.raises(ValueError, match="data: expected a tensor of 24 inputs"):
+        FeatureCache(probe, images[:5], labels)
 
 
 def test_feature_cache_dict_inputs():
