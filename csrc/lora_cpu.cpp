@@ -1,0 +1,323 @@
+// Fused LoRA linear for CPU tensors (family "lora"; contract in fastpeft/ops/lora.py):
+//
+//   t = drop(x)·Aᵀ                      (M, r), returned and saved for backward
+//   y = x·Wᵀ + b + s·t·Bᵀ               (M, N)
+//
+// The frozen linear's own cost is two big GEMMs (x·Wᵀ forward, dy·W backward). Everything
+// LoRA adds is rank-r work, so it is done row block by row block (BR rows, in L2) in ONE
+// parallel pass over x (forward) or over dy and x (backward), and the big GEMMs then
+// accumulate on top of it in place (beta = 1):
+//
+//   forward   per block: xd = drop(x_blk) (hash regenerated, BR×K scratch), t_blk = xd·Aᵀ,
+//                        y_blk = b + s·t_blk·Bᵀ (replaces the bias broadcast the frozen
+//                        linear also writes);   then  y += x·Wᵀ  (multi-threaded BLAS).
+//   backward  per block: dt_blk = s·dy_blk·B, dB_c += s·dy_blkᵀ·t_blk, keep mask (bytes) +
+//                        xd, dA_c += dt_blkᵀ·xd, dx_blk = (dt_blk·A) ⊙ keep/(1-p);
+//                        then  dx += dy·W  (multi-threaded BLAS).
+//
+// So no M×N temporary, no separate add or scale pass, no M×K float mask or dropped copy of
+// x: the extra memory is t and dt (M×r), per-chunk dA/dB partials and BR-row scratch.
+// Rank-r GEMMs on a block are single-threaded ATen/BLAS calls inside at::parallel_for; the
+// partials are per chunk (fixed split), so results do not depend on thread scheduling.
+// The dropout mask is fastpeft::dropout_keep (common.h), bit-identical to fastpeft._dropout.
+// fp32/fp64 compute natively; fp16/bf16 are upcast to fp32 and the results cast back.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using at::Tensor;
+
+// Rows per block: the x/dy block and its scratch should stay in L2 (~1 MiB per core).
+int64_t block_rows(int64_t width, int64_t elem) {
+  static const int64_t env = [] {
+    const char* s = std::getenv("FASTPEFT_LORA_BR");
+    return s ? std::atoll(s) : 0;
+  }();
+  if (env > 0) return env;
+  const int64_t target = 256 * 1024;  // bytes of one BR×width block
+  int64_t br = target / std::max<int64_t>(1, width * elem);
+  return std::min<int64_t>(256, std::max<int64_t>(16, br));
+}
+
+uint32_t dropout_threshold(double p) {
+  // Python's int(round(p * 2**32)) (round half to even), capped at 2**32 - 1.
+  const double v = std::nearbyint(p * 4294967296.0);
+  return v >= 4294967295.0 ? 0xFFFFFFFFu : static_cast<uint32_t>(v);
+}
+
+uint32_t seed_value(const std::optional<Tensor>& seed) {
+  TORCH_CHECK(seed.has_value() && seed->defined(), "lora: dropout_p > 0 needs a seed tensor");
+  TORCH_CHECK(seed->numel() == 1, "lora: seed must be a single-element tensor, got ", seed->sizes());
+  return static_cast<uint32_t>(seed->item<int64_t>());
+}
+
+// keep[i*K + j] = dropout_keep(seed, thr, (row0+i)*K + j) for rows [row0, row0+rows); and, when
+// xd != nullptr, xd[i*K + j] = keep ? x[i, j] * scale : 0 (x read through its strides).
+// The common case (the 32-bit high word of the index constant along a row) is a plain loop
+// the compiler vectorises (vpmulld, 16 lanes with AVX-512).
+template <typename T>
+void dropout_rows(uint32_t seed, uint32_t thr, T scale, int64_t row0, int64_t rows, int64_t K,
+                  const T* x, int64_t sx0, int64_t sx1, T* xd, uint8_t* keep) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t base = (row0 + i) * K;
+    const T* xr = x ? x + i * sx0 : nullptr;
+    T* xo = xd ? xd + i * K : nullptr;
+    uint8_t* kr = keep ? keep + i * K : nullptr;
+    const uint64_t hi0 = static_cast<uint64_t>(base) >> 32;
+    const uint64_t hi1 = static_cast<uint64_t>(base + K - 1) >> 32;
+    if (hi0 == hi1) {
+      const uint32_t key = fastpeft::dropout_key(seed, static_cast<uint32_t>(hi0));
+      const uint32_t lo = static_cast<uint32_t>(base & 0xffffffffLL);
+      if (xo && sx1 == 1) {
+        if (kr) {
+#pragma omp simd
+          for (int64_t j = 0; j < K; ++j) {
+            const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
+            kr[j] = k;
+            xo[j] = k ? xr[j] * scale : T(0);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < K; ++j) {
+            const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
+            xo[j] = k ? xr[j] * scale : T(0);
+          }
+        }
+      } else {
+        for (int64_t j = 0; j < K; ++j) {
+          const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
+          if (kr) kr[j] = k;
+          if (xo) xo[j] = k ? xr[j * sx1] * scale : T(0);
+        }
+      }
+    } else {  // the row straddles a multiple of 2**32 elements: per-element key
+      for (int64_t j = 0; j < K; ++j) {
+        const bool k = fastpeft::dropout_keep(seed, thr, base + j);
+        if (kr) kr[j] = k;
+        if (xo) xo[j] = k ? xr[j * sx1] * scale : T(0);
+      }
+    }
+  }
+}
+
+// d[i, j] = keep[i, j] ? d[i, j] * scale : 0 on a contiguous rows×K block.
+template <typename T>
+void apply_keep(T* d, const uint8_t* keep, int64_t n, T scale) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) d[j] = keep[j] ? d[j] * scale : T(0);
+}
+
+// Split [0, nblk) into a fixed number of contiguous chunks (one per thread).
+int64_t num_chunks(int64_t nblk) {
+  return std::max<int64_t>(1, std::min<int64_t>(nblk, at::get_num_threads()));
+}
+
+void check_2d(const char* name, const Tensor& t) {
+  TORCH_CHECK(t.dim() == 2, "lora: ", name, " must be 2-D, got ", t.sizes());
+}
+
+bool is_half(const Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
+Tensor to_f32(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+
+std::optional<Tensor> opt_f32(const std::optional<Tensor>& t) {
+  if (t.has_value() && t->defined()) return t->to(at::kFloat);
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                    const Tensor& A, const Tensor& B, double scaling, double p,
+                                    const std::optional<Tensor>& seed) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels, no autograd graph
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
+  const auto opts = x.options();
+  Tensor y = at::empty({M, N}, opts);
+  Tensor t = at::empty({M, r}, opts);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool drop = p > 0.0;
+  const uint32_t sd = drop ? seed_value(seed) : 0u;
+  const uint32_t thr = drop ? dropout_threshold(p) : 0u;
+  const T dscale = static_cast<T>(1.0 / (1.0 - p));
+  const Tensor At = A.t(), Bt = B.t();
+
+  if (M > 0) {
+    const int64_t br = block_rows(std::max(K, N), sizeof(T));
+    const int64_t nblk = (M + br - 1) / br;
+    const int64_t nch = num_chunks(nblk);
+    const T* xp = x.data_ptr<T>();
+    const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      // Dispatch TLS is per thread: worker threads must skip autograd (A may require grad).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      Tensor xd = drop ? at::empty({br, K}, opts) : Tensor();
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t b = nblk * c / nch; b < nblk * (c + 1) / nch; ++b) {
+          const int64_t i0 = b * br, rows = std::min(br, M - i0);
+          Tensor src;
+          if (drop) {
+            dropout_rows<T>(sd, thr, dscale, i0, rows, K, xp + i0 * sx0, sx0, sx1, xd.data_ptr<T>(), nullptr);
+            src = xd.narrow(0, 0, rows);
+          } else {
+            src = x.narrow(0, i0, rows);
+          }
+          Tensor tb = t.narrow(0, i0, rows);
+          at::mm_out(tb, src, At);
+          Tensor yb = y.narrow(0, i0, rows);
+          // y_blk = b + s·t_blk·Bᵀ: this write replaces the bias broadcast of a plain linear.
+          if (has_bias) at::addmm_out(yb, *bias, tb, Bt, 1.0, scaling);
+          else at::addmm_out(yb, yb, tb, Bt, 0.0, scaling);  // beta 0: yb's contents are ignored
+        }
+      }
+    });
+  }
+  y.addmm_(x, weight.t());  // the frozen GEMM accumulates onto it in place (multi-threaded BLAS)
+  return {y, t};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
+    const Tensor& dy_in, const Tensor& x, const Tensor& weight, const Tensor& A, const Tensor& B,
+    const Tensor& t_in, double scaling, double p, const std::optional<Tensor>& seed, bool need_x,
+    bool need_weight, bool need_bias) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels, no autograd graph
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
+  const auto opts = x.options();
+  // Row blocks of dy are sliced and fed to BLAS: keep its rows unit-stride.
+  const Tensor dy = dy_in.stride(1) == 1 ? dy_in : dy_in.contiguous();
+  const Tensor t = t_in.stride(1) == 1 ? t_in : t_in.contiguous();
+  const bool drop = p > 0.0;
+  const uint32_t sd = drop ? seed_value(seed) : 0u;
+  const uint32_t thr = drop ? dropout_threshold(p) : 0u;
+  const T dscale = static_cast<T>(1.0 / (1.0 - p));
+
+  Tensor dx = need_x ? at::empty({M, K}, opts) : at::empty({0}, opts);
+  Tensor dA, dB;
+  if (M == 0) {
+    dA = at::zeros({r, K}, opts);
+    dB = at::zeros({N, r}, opts);
+  } else {
+    const int64_t br = block_rows(std::max(K, N), sizeof(T));
+    const int64_t nblk = (M + br - 1) / br;
+    const int64_t nch = num_chunks(nblk);
+    // Per-chunk partial sums of the two reductions over rows (tiny: r×(K+N) each).
+    Tensor dA_part = at::zeros({nch, r, K}, opts);
+    Tensor dB_part = at::zeros({nch, N, r}, opts);
+    Tensor dt = at::empty({M, r}, opts);
+    const T* xp = x.data_ptr<T>();
+    const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      // Dispatch TLS is per thread: worker threads must skip autograd (A may require grad).
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      Tensor xd = drop ? at::empty({br, K}, opts) : Tensor();
+      std::vector<uint8_t> keep(drop && need_x ? static_cast<size_t>(br * K) : 0);
+      for (int64_t c = c0; c < c1; ++c) {
+        Tensor dAc = dA_part[c], dBc = dB_part[c];
+        for (int64_t b = nblk * c / nch; b < nblk * (c + 1) / nch; ++b) {
+          const int64_t i0 = b * br, rows = std::min(br, M - i0);
+          const Tensor dyb = dy.narrow(0, i0, rows);
+          Tensor dtb = dt.narrow(0, i0, rows);
+          at::addmm_out(dtb, dtb, dyb, B, 0.0, scaling);         // dt = s·dy·B (beta 0)
+          dBc.addmm_(dyb.t(), t.narrow(0, i0, rows), 1.0, scaling);  // dB += s·dyᵀ·t
+          Tensor src;
+          if (drop) {
+            dropout_rows<T>(sd, thr, dscale, i0, rows, K, xp + i0 * sx0, sx0, sx1, xd.data_ptr<T>(),
+                            need_x ? keep.data() : nullptr);
+            src = xd.narrow(0, 0, rows);
+          } else {
+            src = x.narrow(0, i0, rows);
+          }
+          dAc.addmm_(dtb.t(), src);                               // dA += dtᵀ·drop(x)
+          if (need_x) {
+            Tensor dxb = dx.narrow(0, i0, rows);
+            at::mm_out(dxb, dtb, A);                              // dx_blk = dt·A ...
+            if (drop) apply_keep<T>(dxb.data_ptr<T>(), keep.data(), rows * K, dscale);  // ... ⊙ mask/(1-p)
+          }
+        }
+      }
+    });
+    dA = nch == 1 ? dA_part[0] : dA_part.sum(0);
+    dB = nch == 1 ? dB_part[0] : dB_part.sum(0);
+    if (need_x) dx.addmm_(dy, weight);  // dx += dy·W in place (multi-threaded BLAS)
+  }
+  if (need_x && M == 0) dx.zero_();
+  Tensor dW = need_weight ? at::mm(dy.t(), x) : at::empty({0}, opts);
+  Tensor db = need_bias ? dy.sum(0) : at::empty({0}, opts);
+  return {dx, dW, db, dA, dB};
+}
+
+// ---------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor> lora_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                    const Tensor& lora_A, const Tensor& lora_B, double scaling, double dropout_p,
+                                    const std::optional<Tensor>& seed) {
+  check_2d("x", x);
+  check_2d("weight", weight);
+  check_2d("lora_A", lora_A);
+  check_2d("lora_B", lora_B);
+  TORCH_CHECK(x.device().is_cpu(), "lora_fwd (C++ backend): expected CPU tensors, got ", x.device());
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "lora_fwd: dropout_p must be in [0, 1), got ", dropout_p);
+  if (is_half(x)) {
+    auto [y, t] = lora_fwd(to_f32(x), to_f32(weight), opt_f32(bias), to_f32(lora_A), to_f32(lora_B), scaling,
+                           dropout_p, seed);
+    return {y.to(x.scalar_type()), t.to(x.scalar_type())};
+  }
+  std::tuple<Tensor, Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_fwd", [&] {
+    out = fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_bwd(
+    const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& t, double scaling, double dropout_p, const std::optional<Tensor>& seed, bool need_x,
+    bool need_weight, bool need_bias) {
+  check_2d("dy", dy);
+  check_2d("x", x);
+  check_2d("weight", weight);
+  check_2d("lora_A", lora_A);
+  check_2d("lora_B", lora_B);
+  check_2d("t", t);
+  TORCH_CHECK(x.device().is_cpu(), "lora_bwd (C++ backend): expected CPU tensors, got ", x.device());
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "lora_bwd: dropout_p must be in [0, 1), got ", dropout_p);
+  if (is_half(x)) {
+    auto [dx, dW, db, dA, dB] = lora_bwd(to_f32(dy), to_f32(x), to_f32(weight), to_f32(lora_A), to_f32(lora_B),
+                                         to_f32(t), scaling, dropout_p, seed, need_x, need_weight, need_bias);
+    const auto st = x.scalar_type();
+    return {dx.to(st), dW.to(st), db.to(st), dA.to(st), dB.to(st)};
+  }
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_bwd", [&] {
+    out = bwd_impl<scalar_t>(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_x, need_weight,
+                             need_bias);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastpeft_cpu, m) {
+  m.def("lora_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, float scaling, "
+        "float dropout_p, Tensor? seed) -> (Tensor, Tensor)",
+        &lora_fwd);
+  m.def("lora_bwd(Tensor dy, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, Tensor t, float scaling, "
+        "float dropout_p, Tensor? seed, bool need_x, bool need_weight, bool need_bias) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        &lora_bwd);
+}
