@@ -17,11 +17,12 @@ Backward, ``prefix_attention_bwd_triton`` (flash-attention-2 style, recomputing 
 1. ``_pa_bwd_preprocess_kernel``: ``delta = rowsum(dout ⊙ out)`` (B, H, L) fp32.
 2. ``_pa_bwd_dq_kernel``, one program per (query block, batch·head): streams both key
    sources, ``p = exp(s - lse)``, ``ds = p ⊙ (dout·vᵀ - delta)``, ``dq += ds·k``.
-3. ``_pa_bwd_dkdv_kernel``, one program per (key block, batch·kv head), launched once for
-   the prefix keys and once for the main keys (a constexpr switches the masks off for the
-   prefix): loops over the G query heads sharing the kv head and over the query blocks
-   (causal: only blocks at or below the diagonal), accumulating ``dv += pᵀ·dout`` and
-   ``dk += dsᵀ·q`` in fp32 registers; each key row is written once, no atomics.
+3. ``_pa_bwd_dkdv_kernel``, one program per (key block, batch·kv head), ONE launch over
+   the key blocks of both sources (the prefix blocks first: they are the longest programs,
+   every query sees them; a constexpr switches the masks off for the prefix code path): loops
+   over the G query heads sharing the kv head and over the query blocks (causal: only blocks
+   at or below the diagonal), accumulating ``dv += pᵀ·dout`` and ``dk += dsᵀ·q`` in fp32
+   registers; each key row is written once, no atomics.
 
 dprefix for a shared prefix (Bp = 1): each batch element's program writes its own fp32
 partial (B, Hkv, P, D) and torch sums them over the batch afterwards. Deterministic, and the
@@ -281,41 +282,26 @@ def _pa_bwd_dq_kernel(
              mask=m2)
 
 
-@_autotune(_cfgs([(32, 128), (64, 64), (32, 64)]), key=["L", "NK", "D", "IS_CAUSAL", "HAS_MASK", "PREFIX"])
 @triton.jit
-def _pa_bwd_dkdv_kernel(
-    q_ptr,      # (B, H, L, D) queries, strides (sqb, sqh, sql, sqd)
-    k_ptr,      # (·, Hkv, NK, D) this launch's keys (prefix or main), strides (skb, skh, skn, skd)
-    v_ptr,      # (·, Hkv, NK, D) this launch's values, strides (svb, svh, svn, svd)
-    mask_ptr,   # (B, H, L, S) additive mask (any strides); unused for the prefix or without HAS_MASK
-    do_ptr,     # (B, H, L, D) dout, strides (sdb, sdh, sdl, sdd)
-    lse_ptr,    # (B, H, L) forward lse (natural log, fp32), contiguous
-    delta_ptr,  # (B, H, L) rowsum(dout ⊙ out), fp32, contiguous
-    dk_ptr,     # (B, Hkv, NK, D) out: dk (or the per-batch fp32 partial of a shared prefix), contiguous
-    dv_ptr,     # (B, Hkv, NK, D) out: dv (likewise), contiguous
-    Hkv, G, L, NK, D,
-    sqb, sqh, sql, sqd, skb, skh, skn, skd, svb, svh, svn, svd, smb, smh, sml, sms, sdb, sdh, sdl, sdd,
-    scale,      # softmax scale (natural units)
-    PREFIX: tl.constexpr,     # keys are the prefix: always visible (no causal, no attn_mask)
-    HAS_MASK: tl.constexpr,   # attn_mask given
-    IS_CAUSAL: tl.constexpr,  # causal over the main keys
-    IEEE: tl.constexpr,       # fp32 inputs: exact dot products
-    BLOCK_M: tl.constexpr,    # queries per step of the loop
-    BLOCK_N: tl.constexpr,    # keys per program
-    BLOCK_D: tl.constexpr,    # head dim padded to a power of two >= 16
-):
-    pid_n = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = (bhk // Hkv).to(tl.int64)
-    hk = (bhk % Hkv).to(tl.int64)
+def _pa_dkdv_block(q_ptr, k_base, v_base, skn, skd, svn, svd, mask_b, smh, sml, sms, do_ptr, lse_ptr, delta_ptr,
+                   dk_base, dv_base, pid_n, b, hk, Hkv, G, L, NK, D,
+                   sqb, sqh, sql, sqd, sdb, sdh, sdl, sdd, scale,
+                   PREFIX: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dk, dv of key block ``pid_n`` of one source (NK keys at k_base / v_base) for batch b, kv head hk.
+
+    Loops over the G query heads sharing the kv head and over their query blocks; writes the
+    (BLOCK_N, D) rows of dk (scaled) and dv at dk_base / dv_base (contiguous (NK, D)).
+    PREFIX: the keys are the prefix (always visible: no causal, no attn_mask).
+    """
     cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = cn < NK
     cd = tl.arange(0, BLOCK_D)
     dmask = cd < D
     n2 = nmask[:, None] & dmask[None, :]
     c64 = cn[:, None].to(tl.int64)
-    k = tl.load(k_ptr + b * skb + hk * skh + c64 * skn + cd[None, :] * skd, mask=n2, other=0.0)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(v_ptr + b * svb + hk * svh + c64 * svn + cd[None, :] * svd, mask=n2, other=0.0)
+    k = tl.load(k_base + c64 * skn + cd[None, :] * skd, mask=n2, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(v_base + c64 * svn + cd[None, :] * svd, mask=n2, other=0.0)
     qk_scale = scale * 1.4426950408889634
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
@@ -343,7 +329,7 @@ def _pa_bwd_dkdv_kernel(
             valid = nmask[:, None] & rmask[None, :]
             if not PREFIX:
                 if HAS_MASK:
-                    am = tl.load(mask_ptr + b * smb + h * smh + r64 * sml + c64 * sms, mask=valid, other=0.0)
+                    am = tl.load(mask_b + h * smh + r64 * sml + c64 * sms, mask=valid, other=0.0)
                     st += am.to(tl.float32) * 1.4426950408889634
                 if IS_CAUSAL:
                     valid = valid & (cn[:, None] <= rows[None, :])
@@ -352,9 +338,57 @@ def _pa_bwd_dkdv_kernel(
             dpt = _dot(v, dot_, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), IEEE)
             dst = pt * (dpt - delta[None, :])
             dk = _dot(dst.to(k.dtype), tl.trans(qt), dk, IEEE)
-    obase = (bhk.to(tl.int64) * NK + c64) * D + cd[None, :]
-    tl.store(dk_ptr + obase, (dk * scale).to(dk_ptr.dtype.element_ty), mask=n2)
-    tl.store(dv_ptr + obase, dv.to(dv_ptr.dtype.element_ty), mask=n2)
+    obase = c64 * D + cd[None, :]
+    tl.store(dk_base + obase, (dk * scale).to(dk_base.dtype.element_ty), mask=n2)
+    tl.store(dv_base + obase, dv.to(dv_base.dtype.element_ty), mask=n2)
+
+
+@_autotune(_cfgs([(32, 128), (64, 64), (32, 64)]), key=["L", "S", "P", "D", "IS_CAUSAL", "HAS_MASK"])
+@triton.jit
+def _pa_bwd_dkdv_kernel(
+    q_ptr,      # (B, H, L, D) queries, strides (sqb, sqh, sql, sqd)
+    k_ptr,      # (B, Hkv, S, D) main keys, strides (skb, skh, skn, skd)
+    v_ptr,      # (B, Hkv, S, D) main values, strides (svb, svh, svn, svd)
+    pk_ptr,     # (Bp, Hkv, P, D) prefix keys; spkb = 0 when Bp = 1
+    pv_ptr,     # (Bp, Hkv, P, D) prefix values; spvb = 0 when Bp = 1
+    mask_ptr,   # (B, H, L, S) additive mask (any strides); unused without HAS_MASK
+    do_ptr,     # (B, H, L, D) dout, strides (sdb, sdh, sdl, sdd)
+    lse_ptr,    # (B, H, L) forward lse (natural log, fp32), contiguous
+    delta_ptr,  # (B, H, L) rowsum(dout ⊙ out), fp32, contiguous
+    dk_ptr,     # (B, Hkv, S, D) out: dk, contiguous
+    dv_ptr,     # (B, Hkv, S, D) out: dv, contiguous
+    dpk_ptr,    # (B, Hkv, P, D) out: dprefix_k, or its per-batch fp32 partials for a shared prefix
+    dpv_ptr,    # (B, Hkv, P, D) out: dprefix_v, likewise
+    Hkv, G, L, S, P, D,
+    sqb, sqh, sql, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    spkb, spkh, spkn, spkd, spvb, spvh, spvn, spvd, smb, smh, sml, sms, sdb, sdh, sdl, sdd,
+    scale,      # softmax scale (natural units)
+    HAS_MASK: tl.constexpr,   # attn_mask given
+    IS_CAUSAL: tl.constexpr,  # causal over the main keys
+    IEEE: tl.constexpr,       # fp32 inputs: exact dot products
+    BLOCK_M: tl.constexpr,    # queries per step of the loop
+    BLOCK_N: tl.constexpr,    # keys per program
+    BLOCK_D: tl.constexpr,    # head dim padded to a power of two >= 16
+):
+    # one launch for both sources: the first cdiv(P, BLOCK_N) key blocks are the prefix (the
+    # longest programs - every query sees them - so they are scheduled first), then the main keys
+    pid = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = (bhk // Hkv).to(tl.int64)
+    hk = (bhk % Hkv).to(tl.int64)
+    n_pb = tl.cdiv(P, BLOCK_N)
+    if pid < n_pb:
+        _pa_dkdv_block(q_ptr, pk_ptr + b * spkb + hk * spkh, pv_ptr + b * spvb + hk * spvh, spkn, spkd, spvn, spvd,
+                       mask_ptr, smh, sml, sms, do_ptr, lse_ptr, delta_ptr,
+                       dpk_ptr + bhk.to(tl.int64) * P * D, dpv_ptr + bhk.to(tl.int64) * P * D,
+                       pid, b, hk, Hkv, G, L, P, D, sqb, sqh, sql, sqd, sdb, sdh, sdl, sdd, scale,
+                       True, HAS_MASK, IS_CAUSAL, IEEE, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        _pa_dkdv_block(q_ptr, k_ptr + b * skb + hk * skh, v_ptr + b * svb + hk * svh, skn, skd, svn, svd,
+                       mask_ptr + b * smb, smh, sml, sms, do_ptr, lse_ptr, delta_ptr,
+                       dk_ptr + bhk.to(tl.int64) * S * D, dv_ptr + bhk.to(tl.int64) * S * D,
+                       pid - n_pb, b, hk, Hkv, G, L, S, D, sqb, sqh, sql, sqd, sdb, sdh, sdl, sdd, scale,
+                       False, HAS_MASK, IS_CAUSAL, IEEE, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------
@@ -444,22 +478,18 @@ def prefix_attention_bwd_triton(dout, q, k, v, prefix_k, prefix_v, attn_mask: Op
     meta = dict(HAS_MASK=attn_mask is not None, IS_CAUSAL=bool(is_causal), IEEE=ieee, BLOCK_D=block_d)
     _launch(_pa_bwd_dq_kernel, lambda c: (triton.cdiv(L, c["BLOCK_M"]), B * H), args, meta)
 
-    # 3. dk/dv per key source; a shared prefix gets per-batch fp32 partials, summed below
-    def dkdv(keys, vals, n_keys, prefix, out_dtype):
-        dK = torch.empty((B, Hkv, n_keys, D), dtype=out_dtype, device=dev)
-        dV = torch.empty((B, Hkv, n_keys, D), dtype=out_dtype, device=dev)
-        ks = _prefix_strides(keys) if prefix else list(keys.stride())
-        vs = _prefix_strides(vals) if prefix else list(vals.stride())
-        a = (q, keys, vals, mask_arg, dout, lse, delta, dK, dV, Hkv, G, L, n_keys, D,
-             *q.stride(), *ks, *vs, *ms, *dout.stride(), float(scale))
-        m = dict(PREFIX=prefix, HAS_MASK=attn_mask is not None, IS_CAUSAL=bool(is_causal), IEEE=ieee,
-                 BLOCK_D=block_d)
-        _launch(_pa_bwd_dkdv_kernel, lambda c: (triton.cdiv(n_keys, c["BLOCK_N"]), B * Hkv), a, m)
-        return dK, dV
-
-    dk, dv = dkdv(k, v, S, False, dt)
+    # 3. dk/dv of both key sources in one launch; a shared prefix gets per-batch fp32 partials
     shared = Bp == 1 and B > 1
-    dpk, dpv = dkdv(prefix_k, prefix_v, P, True, torch.float32 if shared else dt)
+    dk = torch.empty((B, Hkv, S, D), dtype=dt, device=dev)
+    dv = torch.empty((B, Hkv, S, D), dtype=dt, device=dev)
+    pdt = torch.float32 if shared else dt
+    dpk = torch.empty((B, Hkv, P, D), dtype=pdt, device=dev)
+    dpv = torch.empty((B, Hkv, P, D), dtype=pdt, device=dev)
+    args = (q, k, v, prefix_k, prefix_v, mask_arg, dout, lse, delta, dk, dv, dpk, dpv, Hkv, G, L, S, P, D,
+            *q.stride(), *k.stride(), *v.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
+            *ms, *dout.stride(), float(scale))
+    _launch(_pa_bwd_dkdv_kernel,
+            lambda c: (triton.cdiv(P, c["BLOCK_N"]) + triton.cdiv(S, c["BLOCK_N"]), B * Hkv), args, meta)
     if shared:
         dpk, dpv = dpk.sum(0, keepdim=True).to(dt), dpv.sum(0, keepdim=True).to(dt)
     return dq, dk, dv, dpk, dpv
