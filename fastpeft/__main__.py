@@ -57,6 +57,11 @@ def _bench(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # the demo owns its own flags
+        from fastpeft import demo
+
+        return demo.main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m fastpeft")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="which backends work here and why others don't")
@@ -71,8 +76,7 @@ def main(argv=None) -> int:
     b.add_argument("--csv", default="bench_out/results.csv", help="CSV to append rows to ('' for none)")
     b.add_argument("--plot", default="bench_out/ratio.png", help="plot path ('' for none)")
     b.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
-    d = sub.add_parser("demo", help="fine-tune a tiny ViT on real digits with every method")
-    d.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("demo", help="fine-tune a tiny ViT on real digits with every method (see demo --help)")
     args = p.parse_args(argv)
     if args.cmd == "info":
         from fastpeft._backend import info
@@ -81,10 +85,6 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "bench":
         return _bench(args)
-    if args.cmd == "demo":
-        from fastpeft import demo
-
-        return demo.main(args.rest)
     return 1
 
 
