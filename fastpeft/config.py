@@ -161,7 +161,7 @@ class AdapterConfig(_Config):
 class _PromptConfig(_Config):
     num_virtual_tokens: int = 20
     token_dim: Optional[int] = None
-    num_transformer_submodules: Optional[int] = 1
+    num_transformer_submodules: Optional[int] = None
     num_attention_heads: Optional[int] = None
     num_layers: Optional[int] = None
     task_type: Optional[str] = None

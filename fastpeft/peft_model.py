@@ -409,13 +409,15 @@ class PeftModel(nn.Module):
             self._inject_vpt(model, name, config, journal)
         else:
             raise ValueError(f"config: unsupported config type {type(config).__name__}")
-        for mod_name in getattr(config, "modules_to_save", None) or []:
-            roots = [n for n, _ in model.named_modules() if n == mod_name or n.endswith("." + mod_name)]
-            if not roots:
-                raise ValueError(f"modules_to_save: {mod_name!r} matched no module of {type(model).__name__}")
-            for r in roots:
-                for p in _get(model, r).parameters():
-                    journal.requires_grad(p, True)
+        mts = getattr(config, "modules_to_save", None) or []
+        roots = _modules_to_save(model, mts)
+        if mts and not roots:
+            # PEFT lists both "classifier" and "score" for SEQ_CLS: names that match nothing are
+            # skipped as PEFT does, but a list that matches nothing at all is a mistake
+            raise ValueError(f"modules_to_save: {mts!r} matched no module of {type(model).__name__}")
+        for r in roots:
+            for p in _get(model, r).parameters():
+                journal.requires_grad(p, True)
         self.peft_config[name] = config
         journal.on_undo(lambda: self.peft_config.pop(name, None))
 
@@ -532,6 +534,12 @@ class PeftModel(nn.Module):
         config = dataclasses.replace(config, **{k: v for k, v in fill.items() if getattr(config, k) is None})
         if config.task_type is None and _is_hf(model):
             config.task_type = _hf_task_type(model)
+        if config.task_type == "SEQ_CLS":
+            # as PEFT's PeftModelForSequenceClassification: the classifier head is trained and saved
+            present = {n.rpartition(".")[2] for n, _ in model.named_modules()}
+            extra = [h for h in ("classifier", "score") if h in present and h not in (config.modules_to_save or [])]
+            if extra:
+                config.modules_to_save = list(config.modules_to_save or []) + extra
         if isinstance(config, PromptTuningConfig):
             enc = PromptEncoder(config.num_virtual_tokens, config.token_dim, device=w.device, dtype=w.dtype)
         else:
@@ -596,7 +604,8 @@ class PeftModel(nn.Module):
                 m.delete_adapter(adapter_name)
             elif isinstance(m, _AdapterSlot) and adapter_name in m.adapters:
                 m.adapters.pop(adapter_name)
-        self.prompt_encoder.pop(adapter_name, None)
+        if adapter_name in self.prompt_encoder:
+            self.prompt_encoder.pop(adapter_name)
         del self.peft_config[adapter_name]
         if self.active_adapter == adapter_name and self.peft_config:
             self.set_adapter(next(iter(self.peft_config)))
@@ -700,7 +709,8 @@ class PeftModel(nn.Module):
         """PEFT-named tensors of adapter ``name`` (live parameters, or computed prompts)."""
         cfg = self.peft_config[name]
         model = self.base_model.model
-        pre = "base_model.model."
+        # PEFT wraps tuner methods as base_model (LoraModel).model, prompt methods as base_model
+        pre = "base_model." if cfg.is_prompt_learning else "base_model.model."
         out: Dict[str, torch.Tensor] = {}
         if isinstance(cfg, VPTConfig):
             out["prompt_embeddings"] = self.prompt_encoder[name].prompt_embeddings
@@ -723,10 +733,8 @@ class PeftModel(nn.Module):
         elif isinstance(cfg, BitFitConfig):
             params = dict(model.named_parameters())
             out.update({pre + pn: params[pn] for pn in self._bitfit[name]})
-        for mod_name in getattr(cfg, "modules_to_save", None) or []:
-            for r, mod in model.named_modules():
-                if r == mod_name or r.endswith("." + mod_name):
-                    out.update({f"{pre}{r}.{pn}": p for pn, p in mod.named_parameters()})
+        for r in _modules_to_save(model, getattr(cfg, "modules_to_save", None) or []):
+            out.update({f"{pre}{r}.{pn}": p for pn, p in _get(model, r).named_parameters()})
         return out
 
     def _config_dict(self, name: str) -> dict:
@@ -805,12 +813,16 @@ class PeftModel(nn.Module):
                     enc.embedding.weight.copy_(t)
                 else:
                     enc.to_save().copy_(t)
-                return
             for k, p in expected.items():
-                p.copy_(tensors[k])
+                if isinstance(p, nn.Parameter):  # computed prompts were handled above
+                    p.copy_(tensors[k])
 
     def __repr__(self) -> str:
         return f"PeftModel(adapters={list(self.peft_config)}, active={self.active_adapter!r})\n{self.base_model.model!r}"
+
+
+def _modules_to_save(model: nn.Module, names: List[str]) -> List[str]:
+    return [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in names)]
 
 
 def _first_param(m: nn.Module) -> torch.Tensor:
