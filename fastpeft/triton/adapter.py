@@ -36,7 +36,8 @@ index ``i*m + j``), so masks are bit-identical to the reference and C++ backends
 
 Limits: the bottleneck is held in registers, padded to ``BLOCK_B = max(16, next_pow2(m))``
 (``tl.dot`` needs dims >= 16); m > 256 raises ValueError. fp16/bf16 multiply on tensor cores
-with fp32 accumulation; fp32 uses ``input_precision="ieee"`` so results are tight.
+with fp32 accumulation; fp32 uses ``input_precision="tf32x3"`` on a GPU (tensor cores, about
+fp32-accurate) and ``"ieee"`` in the interpreter, so results are tight.
 """
 from __future__ import annotations
 
@@ -144,7 +145,7 @@ def _adapter_fwd_kernel(
     HAS_BU: tl.constexpr,    # up_bias given
     ACT: tl.constexpr,       # activation code (see _act)
     DROPOUT: tl.constexpr,   # dropout active (p > 0)
-    IEEE: tl.constexpr,      # fp32/fp64 inputs: exact dot products (no tf32)
+    PREC: tl.constexpr,      # tl.dot input_precision: "tf32x3" (fp32 on GPU), "ieee" (interpreter, fp64)
     BLOCK_M: tl.constexpr,   # rows per program
     BLOCK_B: tl.constexpr,   # padded bottleneck (>= 16, power of two, >= m)
     BLOCK_D: tl.constexpr,   # d-tile of both projections
@@ -166,10 +167,7 @@ def _adapter_fwd_kernel(
         # Wdᵀ tile (BLOCK_D, BLOCK_B); padded bottleneck columns load 0 so they add nothing
         wdt = tl.load(wd_ptr + cb[None, :] * swd_m + ck[:, None].to(tl.int64) * swd_d,
                       mask=kmask[:, None] & bmask[None, :], other=0.0)
-        if IEEE:
-            z = tl.dot(xt, wdt, z, input_precision="ieee")
-        else:
-            z = tl.dot(xt, wdt, z)
+        z = tl.dot(xt, wdt, z, input_precision=PREC)
     if HAS_BD:
         z += tl.load(bd_ptr + cb, mask=bmask, other=0.0).to(tl.float32)[None, :]
     zmask = rmask[:, None] & bmask[None, :]
@@ -190,10 +188,7 @@ def _adapter_fwd_kernel(
         # Wuᵀ tile (BLOCK_B, BLOCK_D)
         wut = tl.load(wu_ptr + cn64[None, :] * swu_d + cb[:, None] * swu_m,
                       mask=bmask[:, None] & nmask[None, :], other=0.0)
-        if IEEE:
-            u = tl.dot(h, wut, input_precision="ieee")
-        else:
-            u = tl.dot(h, wut)
+        u = tl.dot(h, wut, input_precision=PREC)
         if HAS_BU:
             u += tl.load(bu_ptr + cn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         sc = tl.load(s_ptr + cn64 * ss, mask=nmask, other=0.0).to(tl.float32)
@@ -222,7 +217,7 @@ def _adapter_bwd_dz_kernel(
     inv_keep,   # 1 / (1 - p)
     ACT: tl.constexpr,       # activation code
     DROPOUT: tl.constexpr,   # dropout active
-    IEEE: tl.constexpr,      # exact fp32 dots
+    PREC: tl.constexpr,      # tl.dot input_precision (see _precision)
     BLOCK_M: tl.constexpr,   # rows per program
     BLOCK_B: tl.constexpr,   # padded bottleneck
     BLOCK_D: tl.constexpr,   # d-tile
@@ -257,10 +252,7 @@ def _adapter_bwd_dz_kernel(
                       mask=nmask[:, None] & bmask[None, :], other=0.0)
         sc = tl.load(s_ptr + cn64 * ss, mask=nmask, other=0.0).to(tl.float32)
         wus = (wut.to(tl.float32) * sc[:, None]).to(dy_ptr.dtype.element_ty)
-        if IEEE:
-            dh = tl.dot(dyt, wus, dh, input_precision="ieee")
-        else:
-            dh = tl.dot(dyt, wus, dh)
+        dh = tl.dot(dyt, wus, dh, input_precision=PREC)
     dz = dh * dmul  # rows/cols outside the matrix are 0 here (masked dy / Wu)
     tl.store(dz_ptr + rows[:, None] * m + cb[None, :], dz.to(dz_ptr.dtype.element_ty), mask=zmask)
     tl.store(dbd_ptr + pid.to(tl.int64) * m + cb, tl.sum(dz, axis=0), mask=bmask)
@@ -282,7 +274,7 @@ def _adapter_bwd_dw_kernel(
     sdym, sdyd, sxm, sxd, swd_m, swd_d,
     NEED_X: tl.constexpr,         # write dx
     RESIDUAL_IS_X: tl.constexpr,  # dx also carries dy (sequential adapter, R = x)
-    IEEE: tl.constexpr,           # exact fp32 dots
+    PREC: tl.constexpr,           # tl.dot input_precision (see _precision)
     BLOCK_M: tl.constexpr,        # rows per step of the row loop (the dot's K for dWd / G)
     BLOCK_B: tl.constexpr,        # padded bottleneck
     BLOCK_N: tl.constexpr,        # d-tile owned by this program
@@ -315,18 +307,11 @@ def _adapter_bwd_dw_kernel(
         xt = tl.load(x_ptr + rows[:, None] * sxm + cn64[None, :] * sxd, mask=tmask, other=0.0)
         ht = tl.load(h_ptr + rows[:, None] * m + cb[None, :], mask=bm, other=0.0)
         dzt = tl.load(dz_ptr + rows[:, None] * m + cb[None, :], mask=bm, other=0.0)
-        if IEEE:
-            g_acc = tl.dot(tl.trans(dyt), ht, g_acc, input_precision="ieee")
-            dwd_acc = tl.dot(tl.trans(dzt), xt, dwd_acc, input_precision="ieee")
-        else:
-            g_acc = tl.dot(tl.trans(dyt), ht, g_acc)
-            dwd_acc = tl.dot(tl.trans(dzt), xt, dwd_acc)
+        g_acc = tl.dot(tl.trans(dyt), ht, g_acc, input_precision=PREC)
+        dwd_acc = tl.dot(tl.trans(dzt), xt, dwd_acc, input_precision=PREC)
         cs_acc += tl.sum(dyt.to(tl.float32), axis=0)
         if NEED_X:
-            if IEEE:
-                dx = tl.dot(dzt, wdt, input_precision="ieee")
-            else:
-                dx = tl.dot(dzt, wdt)
+            dx = tl.dot(dzt, wdt, input_precision=PREC)
             if RESIDUAL_IS_X:
                 dx += dyt.to(tl.float32)
             tl.store(dx_ptr + rows[:, None] * d + cn64[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tmask)
@@ -353,31 +338,51 @@ def _block_b(m: int) -> int:
     return max(16, triton.next_power_of_2(m))
 
 
+def gpu_fwd_config(block_b: int, elem_size: int):
+    """(BLOCK_M, BLOCK_D, num_warps) of the row-block kernels on an H100 (no autotuning, so
+    the first call does not pay for a sweep).
+
+    Big row blocks so Wd/Wu, re-read from L2 by every row block, cost less than the x/y
+    stream; the fp32 z accumulator, h and one u tile must fit the register file (checked
+    with ptxas: no spills for 2-byte dtypes); 4-byte inputs take half the rows.
+    """
+    block_m = 128 if block_b <= 64 else 64 if block_b <= 128 else 32
+    if elem_size >= 4:
+        block_m //= 2
+    return max(16, block_m), 64, 8
+
+
+def gpu_dw_config(block_b: int, elem_size: int):
+    """(BLOCK_M, BLOCK_N, num_warps) of the weight-gradient kernel on an H100: two
+    (BLOCK_N x BLOCK_B) fp32 accumulators live through the whole row loop."""
+    block_n = 128 if block_b <= 64 else 64 if block_b <= 128 else 32
+    block_m = 64
+    if elem_size >= 4:  # fp32 operands + tf32x3 splits: ptxas spills above these sizes
+        block_n, block_m = (64 if block_b <= 16 else 32 if block_b <= 64 else 16), (32 if block_b <= 64 else 16)
+    return block_m, block_n, 8
+
+
 def _fwd_config(x: torch.Tensor, block_b: int):
-    """(BLOCK_M, BLOCK_D, num_warps) for the forward and backward row-block kernels."""
     if not _on_gpu(x):  # interpreter: small tiles so tests cover the loops and the masks
         return 16, 32, 4
-    # H100, 16-bit: big row blocks so Wd/Wu (re-read from L2 by every row block) cost less
-    # than the x/y stream; keep the fp32 z accumulator + the u tile within the register file.
-    if block_b <= 64:
-        return 128, 64, 8
-    if block_b <= 128:
-        return 64, 64, 8
-    return 32, 64, 8
+    return gpu_fwd_config(block_b, x.element_size())
 
 
 def _dw_config(x: torch.Tensor, block_b: int):
-    """(BLOCK_M, BLOCK_N, num_warps, target number of programs) for the weight-gradient kernel."""
+    """(BLOCK_M, BLOCK_N, num_warps, target number of programs)."""
     if not _on_gpu(x):
         return 16, 32, 4, 8
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    # two (BLOCK_N x BLOCK_B) fp32 accumulators live for the whole row loop
-    block_n = 128 if block_b <= 64 else 64 if block_b <= 128 else 32
-    return 64, block_n, 8, 2 * sms
+    return (*gpu_dw_config(block_b, x.element_size()), 2 * sms)
 
 
-def _ieee(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float32, torch.float64)
+def _precision(x: torch.Tensor) -> str:
+    """tl.dot input_precision. fp32 on a GPU: "tf32x3" (three tf32 tensor-core products, ~fp32
+    accurate; "ieee" would fall back to FMA loops that spill registers). The interpreter and
+    fp64 use "ieee". 16-bit inputs ignore it (native tensor-core dot, fp32 accumulation)."""
+    if x.dtype == torch.float32 and _on_gpu(x):
+        return "tf32x3"
+    return "ieee"
 
 
 def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]):
@@ -417,7 +422,7 @@ def adapter_fwd_triton(x, down_weight, down_bias, up_weight, up_bias, scale, res
         up_weight.stride(0), up_weight.stride(1), scale.stride(0), r.stride(0), r.stride(1),
         seed_i, thr, inv_keep,
         HAS_BD=down_bias is not None, HAS_BU=up_bias is not None, ACT=act, DROPOUT=dropout,
-        IEEE=_ieee(x.dtype), BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d,
+        PREC=_precision(x), BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d,
         num_warps=warps, num_stages=3,
     )
     return y, z
@@ -440,7 +445,7 @@ def adapter_bwd_triton(dy, x, down_weight, up_weight, up_bias, z, scale, activat
         ds = zeros(d) if need_scale else x.new_empty(0)
         return dx, zeros(m, d), zeros(m), zeros(d, m), zeros(d), ds
     dropout, seed_i, thr, inv_keep = _dropout_args(dropout_p, seed)
-    ieee = _ieee(dt)
+    prec = _precision(x)
 
     # kernel 1: dz, h (M, m) and per-row-block sums of dz
     block_m, block_d, warps = _fwd_config(x, block_b)
@@ -454,7 +459,7 @@ def adapter_bwd_triton(dy, x, down_weight, up_weight, up_bias, z, scale, activat
         dy.stride(0), dy.stride(1), up_weight.stride(0), up_weight.stride(1), scale.stride(0),
         z.stride(0), z.stride(1),
         seed_i, thr, inv_keep,
-        ACT=act, DROPOUT=dropout, IEEE=ieee, BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d,
+        ACT=act, DROPOUT=dropout, PREC=prec, BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d,
         num_warps=warps, num_stages=3,
     )
 
@@ -472,7 +477,7 @@ def adapter_bwd_triton(dy, x, down_weight, up_weight, up_bias, z, scale, activat
         dy, x, down_weight, h, dz, dx if need_x else dy, g_part, dwd_part, cs_part,
         M, d, m, rows_per_slice,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
-        NEED_X=need_x, RESIDUAL_IS_X=residual_is_x, IEEE=ieee, BLOCK_M=bm2, BLOCK_B=block_b,
+        NEED_X=need_x, RESIDUAL_IS_X=residual_is_x, PREC=prec, BLOCK_M=bm2, BLOCK_B=block_b,
         BLOCK_N=block_n, num_warps=warps2, num_stages=2,  # 4 tiles in flight per stage: keep smem in bounds
     )
 
