@@ -77,16 +77,17 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 # --------------------------------------------------------------------------------------
 @triton.jit
 def _pa_fwd_inner(acc, m_i, l_i, q, kv_k, kv_v, skn, skd, svn, svd, mask_base, sml, sms,
-                  rows, rmask, cd, dmask, n_keys, hi, qk_scale,
+                  rows, rmask, cd, dmask, n_keys, lo, hi, qk_scale,
                   MASKED: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online-softmax pass over one key source (keys 0..hi of n_keys) into (acc, m_i, l_i).
+    """Online-softmax pass over keys lo..hi of one key source (n_keys long) into (acc, m_i, l_i).
 
     Scores are in base-2 units: qk_scale = scale·log2(e); the additive mask is scaled by log2(e).
-    MASKED: apply the main part's causal/additive masks (False for the prefix).
+    MASKED: apply the main part's additive mask (False for the prefix); IS_CAUSAL: apply the
+    causal mask (only for the key blocks that straddle the diagonal).
     """
     cn0 = tl.arange(0, BLOCK_N)
-    for n0 in range(0, hi, BLOCK_N):
+    for n0 in range(lo, hi, BLOCK_N):
         cn = n0 + cn0
         nmask = cn < n_keys
         kt = tl.load(kv_k + cn[None, :].to(tl.int64) * skn + cd[:, None] * skd,
@@ -95,11 +96,11 @@ def _pa_fwd_inner(acc, m_i, l_i, q, kv_k, kv_v, skn, skd, svn, svd, mask_base, s
         valid = nmask[None, :]
         if MASKED:
             if HAS_MASK:
-                am = tl.load(mask_base + rows[:, None] * sml + cn[None, :].to(tl.int64) * sms,
+                am = tl.load(mask_base + rows[:, None].to(tl.int64) * sml + cn[None, :].to(tl.int64) * sms,
                              mask=rmask[:, None] & valid, other=0.0)
                 s += am.to(tl.float32) * 1.4426950408889634
-            if IS_CAUSAL:
-                valid = valid & (cn[None, :] <= rows[:, None])
+        if IS_CAUSAL:
+            valid = valid & (cn[None, :] <= rows[:, None])
         s = tl.where(valid, s, float("-inf"))
         # m_i is finite after the first prefix block (P >= 1, always visible), so no NaNs here
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -152,15 +153,22 @@ def _pa_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     # 1. prefix keys: always visible
     acc, m_i, l_i = _pa_fwd_inner(acc, m_i, l_i, q, pk_ptr + b * spkb + hk * spkh, pv_ptr + b * spvb + hk * spvh,
-                                  spkn, spkd, spvn, spvd, mask_ptr, sml, sms, rows, rmask, cd, dmask, P, P, qk_scale,
-                                  False, HAS_MASK, IS_CAUSAL, IEEE, BLOCK_M, BLOCK_N)
-    # 2. main keys: causal (skip key blocks entirely above the diagonal) and additive mask
-    hi = S
+                                  spkn, spkd, spvn, spvd, mask_ptr, sml, sms, rows, rmask, cd, dmask, P, 0, P,
+                                  qk_scale, False, HAS_MASK, False, IEEE, BLOCK_M, BLOCK_N)
+    # 2. main keys, additive mask; causal: key blocks left of the diagonal need no causal mask,
+    #    the ones straddling it do, the ones right of it are skipped
+    k_b, v_b = k_ptr + b * skb + hk * skh, v_ptr + b * svb + hk * svh
+    mask_b = mask_ptr + b * smb + h * smh
     if IS_CAUSAL:
+        mid = tl.minimum((pid_m * BLOCK_M // BLOCK_N) * BLOCK_N, S)
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
-    acc, m_i, l_i = _pa_fwd_inner(acc, m_i, l_i, q, k_ptr + b * skb + hk * skh, v_ptr + b * svb + hk * svh,
-                                  skn, skd, svn, svd, mask_ptr + b * smb + h * smh, sml, sms, rows, rmask, cd, dmask,
-                                  S, hi, qk_scale, True, HAS_MASK, IS_CAUSAL, IEEE, BLOCK_M, BLOCK_N)
+        acc, m_i, l_i = _pa_fwd_inner(acc, m_i, l_i, q, k_b, v_b, skn, skd, svn, svd, mask_b, sml, sms, rows, rmask,
+                                      cd, dmask, S, 0, mid, qk_scale, True, HAS_MASK, False, IEEE, BLOCK_M, BLOCK_N)
+        acc, m_i, l_i = _pa_fwd_inner(acc, m_i, l_i, q, k_b, v_b, skn, skd, svn, svd, mask_b, sml, sms, rows, rmask,
+                                      cd, dmask, S, mid, hi, qk_scale, True, HAS_MASK, True, IEEE, BLOCK_M, BLOCK_N)
+    else:
+        acc, m_i, l_i = _pa_fwd_inner(acc, m_i, l_i, q, k_b, v_b, skn, skd, svn, svd, mask_b, sml, sms, rows, rmask,
+                                      cd, dmask, S, 0, S, qk_scale, True, HAS_MASK, False, IEEE, BLOCK_M, BLOCK_N)
 
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
@@ -199,12 +207,15 @@ def _pa_bwd_preprocess_kernel(
 
 @triton.jit
 def _pa_bwd_dq_inner(dq, q, do, lse2, delta, kv_k, kv_v, skn, skd, svn, svd, mask_base, sml, sms,
-                     rows, rmask, cd, dmask, n_keys, hi, qk_scale,
+                     rows, rmask, cd, dmask, n_keys, lo, hi, qk_scale,
                      MASKED: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dq += Σ_keys ds·k over one key source (unscaled: the caller multiplies by the scale)."""
+    """dq += Σ ds·k over keys lo..hi of one key source (unscaled: the caller multiplies by the scale).
+
+    MASKED / IS_CAUSAL as in ``_pa_fwd_inner``.
+    """
     cn0 = tl.arange(0, BLOCK_N)
-    for n0 in range(0, hi, BLOCK_N):
+    for n0 in range(lo, hi, BLOCK_N):
         cn = n0 + cn0
         nmask = cn < n_keys
         kt = tl.load(kv_k + cn[None, :].to(tl.int64) * skn + cd[:, None] * skd,
@@ -215,11 +226,11 @@ def _pa_bwd_dq_inner(dq, q, do, lse2, delta, kv_k, kv_v, skn, skd, svn, svd, mas
         valid = nmask[None, :]
         if MASKED:
             if HAS_MASK:
-                am = tl.load(mask_base + rows[:, None] * sml + cn[None, :].to(tl.int64) * sms,
+                am = tl.load(mask_base + rows[:, None].to(tl.int64) * sml + cn[None, :].to(tl.int64) * sms,
                              mask=rmask[:, None] & valid, other=0.0)
                 s += am.to(tl.float32) * 1.4426950408889634
-            if IS_CAUSAL:
-                valid = valid & (cn[None, :] <= rows[:, None])
+        if IS_CAUSAL:
+            valid = valid & (cn[None, :] <= rows[:, None])
         p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
         dp = _dot(do, vt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
         ds = p * (dp - delta[:, None])
@@ -270,14 +281,20 @@ def _pa_bwd_dq_kernel(
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     dq = _pa_bwd_dq_inner(dq, q, do, lse2, delta, pk_ptr + b * spkb + hk * spkh, pv_ptr + b * spvb + hk * spvh,
-                          spkn, spkd, spvn, spvd, mask_ptr, sml, sms, rows, rmask, cd, dmask, P, P, qk_scale,
-                          False, HAS_MASK, IS_CAUSAL, IEEE, BLOCK_M, BLOCK_N)
-    hi = S
-    if IS_CAUSAL:
+                          spkn, spkd, spvn, spvd, mask_ptr, sml, sms, rows, rmask, cd, dmask, P, 0, P, qk_scale,
+                          False, HAS_MASK, False, IEEE, BLOCK_M, BLOCK_N)
+    k_b, v_b = k_ptr + b * skb + hk * skh, v_ptr + b * svb + hk * svh
+    mask_b = mask_ptr + b * smb + h * smh
+    if IS_CAUSAL:  # unmasked blocks left of the diagonal, causal-masked blocks on it, none right of it
+        mid = tl.minimum((pid_m * BLOCK_M // BLOCK_N) * BLOCK_N, S)
         hi = tl.minimum(S, (pid_m + 1) * BLOCK_M)
-    dq = _pa_bwd_dq_inner(dq, q, do, lse2, delta, k_ptr + b * skb + hk * skh, v_ptr + b * svb + hk * svh,
-                          skn, skd, svn, svd, mask_ptr + b * smb + h * smh, sml, sms, rows, rmask, cd, dmask, S, hi,
-                          qk_scale, True, HAS_MASK, IS_CAUSAL, IEEE, BLOCK_M, BLOCK_N)
+        dq = _pa_bwd_dq_inner(dq, q, do, lse2, delta, k_b, v_b, skn, skd, svn, svd, mask_b, sml, sms, rows, rmask,
+                              cd, dmask, S, 0, mid, qk_scale, True, HAS_MASK, False, IEEE, BLOCK_M, BLOCK_N)
+        dq = _pa_bwd_dq_inner(dq, q, do, lse2, delta, k_b, v_b, skn, skd, svn, svd, mask_b, sml, sms, rows, rmask,
+                              cd, dmask, S, mid, hi, qk_scale, True, HAS_MASK, True, IEEE, BLOCK_M, BLOCK_N)
+    else:
+        dq = _pa_bwd_dq_inner(dq, q, do, lse2, delta, k_b, v_b, skn, skd, svn, svd, mask_b, sml, sms, rows, rmask,
+                              cd, dmask, S, 0, S, qk_scale, True, HAS_MASK, False, IEEE, BLOCK_M, BLOCK_N)
     tl.store(dq_ptr + (bh.to(tl.int64) * L + r64) * D + cd[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=m2)
 

@@ -170,3 +170,13 @@ def test_shared_prefix_is_not_expanded_and_grad_sums_over_batch():
     out2.sum().backward()
     assert_close(pk.grad, pk2.grad.sum(0, keepdim=True), torch.float32, "dprefix_k")
     assert_close(pv.grad, pv2.grad.sum(0, keepdim=True), torch.float32, "dprefix_v")
+
+
+@pytest.mark.parametrize("tiles", [(32, 16), (16, 32)], ids=["BM32-BN16", "BM16-BN32"])
+def test_unequal_tiles(tiles, monkeypatch):
+    """Query/key tiles of different sizes: the causal split (unmasked blocks left of the diagonal,
+    masked ones on it) and the dk/dv query-block start must not depend on BLOCK_M == BLOCK_N."""
+    import fastpeft.triton.prefix_attention as kern
+
+    monkeypatch.setattr(kern, "_INTERP", dict(BLOCK_M=tiles[0], BLOCK_N=tiles[1]))
+    check(1, 2, 1, 40, 37, 20, 16, 1, torch.float32, is_causal=True, mask="b1")
