@@ -24,12 +24,14 @@ Kernels (the adapter kernel contract in ``fastpeft/ops/adapter.py``):
 
 Why two backward kernels and partial buffers rather than one row-block kernel with atomics:
 ``dz`` needs all of d before ``dx`` and ``dWd`` can start, and reducing the weight gradients
-(2·m·d values) once per row block costs as much traffic as the activations themselves when
-the row block is ~m rows (with m = 64, BLOCK_M = 128: 2·64·4 B of atomics per 2·128·2 B of
-x+dy, ~50 % extra, all contending on the same 2·m·d addresses). The d-tile kernel reduces
+(2·m·d values) once per row block costs about as much traffic as the activations when the
+row block is ~m rows: per d-column and row block, 2·m fp32 atomics = 512 B against
+3·BLOCK_M·2 B = 768 B of dy/x/dx (bf16, m = 64, BLOCK_M = 128), ~67 % extra, all
+contending on the same 2·m·d addresses. The d-tile kernel reduces
 over a whole slice of rows in registers, so only S ≈ 2·SMs/(d/BLOCK_N) partials are written
 (a few % of the traffic), and a torch sum of them is deterministic, unlike fp32 atomics.
-The cost is one extra read of dy (kernel 1); dx/x/dy in kernel 2 are read/written once.
+The cost is one extra read of dy (kernel 1): four (M, d) passes in all against the
+minimum three (dy, x, dx).
 
 Dropout uses ``fastpeft._dropout``'s hash (uint32 murmur3 finaliser of seed and the element
 index ``i*m + j``), so masks are bit-identical to the reference and C++ backends.
@@ -41,7 +43,6 @@ fp32-accurate) and ``"ieee"`` in the interpreter, so results are tight.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
