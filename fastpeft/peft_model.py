@@ -531,6 +531,7 @@ class PeftModel(nn.Module):
             raise ValueError(f"{type(config).__name__}: needs a Hugging Face transformers model or fastpeft's ViT / BERT, "
                              f"got {type(model).__name__}")
         import dataclasses
+        fill["num_transformer_submodules"] = 1  # encoder-only / decoder-only models, as PEFT fills it
         config = dataclasses.replace(config, **{k: v for k, v in fill.items() if getattr(config, k) is None})
         if config.task_type is None and _is_hf(model):
             config.task_type = _hf_task_type(model)

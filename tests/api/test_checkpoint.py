@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 import fastpeft
 from fastpeft.checkpoint import CONFIG_NAME, WEIGHTS_NAME
 
-from ._models import assert_same_snapshot, build, run, snapshot
+from ._models import assert_same_snapshot, build, fp_vit, run, snapshot
 
 KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
@@ -121,7 +121,7 @@ def test_fastpeft_only_methods_round_trip_and_validate(config, tmp_path):
 def test_adapter_checkpoint_into_wrong_model_raises(tmp_path):
     pm = fastpeft.get_peft_model(build("fp_vit"), fastpeft.AdapterConfig(kind="pfeiffer", bottleneck=4))
     pm.save_pretrained(str(tmp_path))
-    other = build("fp_vit") if False else __import__("tests.api._models", fromlist=["fp_vit"]).fp_vit(dim=64, heads=4)
+    other = fp_vit(dim=64, heads=4)
     before = snapshot(other)
     with pytest.raises(ValueError, match=r"mlp\.fc2\.adapters\.down\.weight"):
         fastpeft.PeftModel.from_pretrained(other, str(tmp_path))

@@ -38,9 +38,10 @@ def _grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("family", HF)
-@pytest.mark.parametrize("extra", [dict(), dict(use_rslora=True, lora_alpha=16), dict(bias="lora_only")],
-                         ids=["plain", "rslora", "lora_only_bias"])
+@pytest.mark.parametrize("family,extra", [
+    ("hf_llama", dict()), ("hf_bert", dict()), ("hf_vit", dict()),
+    ("hf_llama", dict(use_rslora=True, lora_alpha=16)), ("hf_bert", dict(bias="lora_only")),
+], ids=["llama", "bert", "vit", "llama-rslora", "bert-lora_only_bias"])
 def test_lora_outputs_and_gradients_equal_peft(family, extra):
     base, hp, fp = _pair(family, r=4, target_modules=TARGETS[family], **extra)
     hp.train(), fp.train()  # dropout 0: train mode must agree too
@@ -121,6 +122,8 @@ PROMPT_CASES = {
                      lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
     "prompt-bert-seqcls": ("hf_bert", lambda: fastpeft.PromptTuningConfig(num_virtual_tokens=4),
                            lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4)),
+    "prefix-bert-seqcls": ("hf_bert", lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=3),
+                           lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
     "prefix-llama": ("hf_llama", lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=4),
                      lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
     "prefix-llama-projection": (
