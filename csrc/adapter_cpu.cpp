@@ -19,6 +19,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -115,6 +116,25 @@ int64_t block_rows(int64_t M, int64_t d, int64_t elem, int nth) {
   return br - br % 16;
 }
 
+
+// Runs body(tid, block) over blocks 0..nblk-1 on at most num_threads threads. Blocks are handed
+// out dynamically (an atomic counter), so a thread the OS delays does not hold the others up;
+// The worker index w < nth (not the OS thread id, which can differ when this runs nested in
+// another parallel region) indexes per-worker scratch and accumulators.
+template <typename F>
+void for_blocks(int64_t nblk, int nth, const F& body) {
+  if (nblk <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(nth, nblk);
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    at::NoGradGuard no_grad;
+    for (int64_t w = w0; w < w1; ++w) {
+      int64_t b;
+      while ((b = next.fetch_add(1, std::memory_order_relaxed)) < nblk) body(static_cast<int>(w), b);
+    }
+  });
+}
+
 Tensor to_compute(const Tensor& t, at::ScalarType ct) {
   return t.detach().to(ct).contiguous();
 }
@@ -203,11 +223,17 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
   const int64_t nblk = (M + BR - 1) / BR;
   const bool use_dnnl = use_dnnl_for<T>();
 
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    at::NoGradGuard no_grad;
-    Tensor h = at::empty({BR, m}, opts);
-    Tensor mult = dp.on ? at::empty({BR, m}, opts) : Tensor();
-    for (int64_t b = b0; b < b1; ++b) {
+  const int nth = std::max(1, at::get_num_threads());
+  // Per-thread scratch: the bottleneck activation h and the dropout multipliers of one block.
+  std::vector<Tensor> h_t(nth), mult_t(nth);
+  for (int i = 0; i < nth; ++i) {
+    h_t[i] = at::empty({BR, m}, opts);
+    if (dp.on) mult_t[i] = at::empty({BR, m}, opts);
+  }
+  for_blocks(nblk, nth, [&](int tid, int64_t b) {
+    Tensor& h = h_t[tid];
+    Tensor& mult = mult_t[tid];
+    {
       const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
       Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), hb = h.narrow(0, 0, nr);
       Tensor yb = y.narrow(0, r0, nr);
@@ -226,7 +252,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
       if (use_dnnl) {
         // y_blk = h·Wusᵀ + c + R_blk in one oneDNN call (binary add post-op), R_blk still hot.
         yb.copy_(linear_add(hb, R.narrow(0, r0, nr), Wus, c, true));
-        continue;
+        return;
       }
       // y_blk = R_blk + c while R_blk (often x_blk, just read) is still in cache ...
       for (int64_t i = 0; i < nr; ++i) {
@@ -263,16 +289,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   std::vector<char> used(nth, 0);
   const T* dyp = dy.data_ptr<T>();
 
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-    at::NoGradGuard no_grad;
-    const int tid = at::get_thread_num();
+  std::vector<Tensor> h_t(nth), dh_t(nth), dz_t(nth), mult_t(nth);
+  for (int i = 0; i < nth; ++i) {
+    h_t[i] = at::empty({BR, m}, opts); dh_t[i] = at::empty({BR, m}, opts); dz_t[i] = at::empty({BR, m}, opts);
+    if (dp.on) mult_t[i] = at::empty({BR, m}, opts);
+  }
+  for_blocks(nblk, nth, [&](int tid, int64_t b) {
     used[tid] = 1;
     Tensor GT = GT_t[tid], dWd = dWd_t[tid];
     T* sp = s_t[tid].data_ptr<T>();
     T* dbdp = dbd_t[tid].data_ptr<T>();
-    Tensor h = at::empty({BR, m}, opts), dh = at::empty({BR, m}, opts), dz = at::empty({BR, m}, opts);
-    Tensor mult = dp.on ? at::empty({BR, m}, opts) : Tensor();
-    for (int64_t b = b0; b < b1; ++b) {
+    Tensor &h = h_t[tid], &dh = dh_t[tid], &dz = dz_t[tid], &mult = mult_t[tid];
+    {
       const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
       Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), dyb = dy.narrow(0, r0, nr);
       Tensor hb = h.narrow(0, 0, nr), dhb = dh.narrow(0, 0, nr), dzb = dz.narrow(0, 0, nr);
