@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from fastpeft import _dropout
+from fastpeft.triton._common import dropout_keep as _keep
 
 #: the interpreter cannot autotune (no CUDA timing): fixed configs are passed instead
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -63,24 +64,6 @@ MAX_RANK = 256
 # --------------------------------------------------------------------------------------
 # device helpers
 # --------------------------------------------------------------------------------------
-@triton.jit
-def _fmix32(h):
-    """murmur3 finaliser on uint32 (wraps mod 2**32 like fastpeft._dropout.fmix32)."""
-    h = h ^ (h >> 16)
-    h = h * 0x85EBCA6B
-    h = h ^ (h >> 13)
-    h = h * 0xC2B2AE35
-    return h ^ (h >> 16)
-
-
-@triton.jit
-def _keep(seed, idx, thr):
-    """keep[idx] for int64 element indices ``idx``; seed in [0, 2**31), thr a uint32 threshold."""
-    thr = thr.to(tl.uint32)  # arrives as i32 or i64 depending on its value
-    hi = (idx >> 32).to(tl.uint32)
-    lo = (idx & 0xFFFFFFFF).to(tl.uint32)
-    key = _fmix32(seed.to(tl.uint32) + hi * 0x9E3779B9)
-    return _fmix32(lo ^ key) >= thr
 
 
 @triton.jit
