@@ -291,3 +291,20 @@ def test_mask_requiring_grad_is_refused():
     kw = _good()
     with pytest.raises(ValueError, match="attn_mask: gradients"):
         fastpeft.prefix_attention(**kw, attn_mask=torch.zeros(5, 6, requires_grad=True), backend="reference")
+
+
+def test_torch_compile_fullgraph():
+    """The op traces into one graph (backend choice is a trace-time constant, fakes match)."""
+    q, k, v, pk, pv = make(2, 4, 2, 7, 9, 3, 16, 1, torch.float32, "cpu")
+    m = torch.rand(7, 9, generator=torch.Generator().manual_seed(1)) > 0.3
+    f = torch.compile(lambda *a: fastpeft.prefix_attention(*a, attn_mask=m, is_causal=True), fullgraph=True)
+    out = f(q, k, v, pk, pv)
+    out.sum().backward()
+    got = [t.grad.clone() for t in (q, k, v, pk, pv)]
+    for t in (q, k, v, pk, pv):
+        t.grad = None
+    ref = fastpeft.prefix_attention(q, k, v, pk, pv, attn_mask=m, is_causal=True)
+    ref.sum().backward()
+    assert_close(out, ref, torch.float32, "out")
+    for name, a, t in zip(NAMES, got, (q, k, v, pk, pv)):
+        assert_close(a, t.grad, torch.float32, f"d{name}")
