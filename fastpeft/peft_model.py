@@ -12,9 +12,16 @@ Where each method goes:
   sequential :class:`fastpeft.Adapter` wraps the attention / FFN output projection, a
   :class:`fastpeft.ParallelAdapter` reads the block's residual stream beside the MLP.
 * BitFit: all biases (LayerNorm beta included) except the output head's become trainable.
-* Prompt tuning / prefix tuning on Hugging Face models: fed as PEFT feeds them (prompts
-  concatenated to ``inputs_embeds``; prefixes as ``past_key_values``). Prefix tuning and VPT on
-  fastpeft's ViT use the model's ``prefix_kv`` argument (fused prefix attention) and prompt tokens.
+* Prompt tuning (:class:`fastpeft.PromptTuning`) and prefix tuning (:class:`fastpeft.PrefixEncoder`)
+  on Hugging Face models are fed as PEFT feeds them (prompts concatenated to ``inputs_embeds``,
+  ones prepended to the attention mask, -100 to causal-LM labels; prefixes as a
+  ``DynamicCache`` of ``past_key_values``). On fastpeft's ViT / BERT prefixes go through the
+  models' ``prefix_kv`` argument (fused prefix attention, one prefix shared by the batch).
+* VPT (:class:`fastpeft.VPT`, shallow or deep) on fastpeft's ViT.
+
+Checkpoints are validated completely before anything is assigned; a failed load undoes the
+injection (a journal of every module swap and ``requires_grad`` change), so the model is left
+exactly as it was.
 """
 from __future__ import annotations
 
@@ -201,43 +208,11 @@ def _out_features(m: nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 # prompt encoders
 # ---------------------------------------------------------------------------------------------
-class PromptEncoder(nn.Module):
-    """Prompt tuning: ``embedding (num_virtual_tokens, token_dim)`` (PEFT's PromptEmbedding)."""
-
-    def __init__(self, num_tokens: int, token_dim: int, device=None, dtype=None):
-        super().__init__()
-        self.embedding = nn.Embedding(num_tokens, token_dim, device=device, dtype=dtype)
-
-    def forward(self) -> torch.Tensor:
-        return self.embedding.weight
-
-    def to_save(self) -> torch.Tensor:
-        return self.embedding.weight
-
-
-class PeftPrefixEncoder(nn.Module):
-    """Prefix tuning (PEFT's PrefixEncoder): ``-> (P, num_layers·2·token_dim)``; with
-    ``projection`` an MLP maps ``embedding (P, token_dim)`` up, else the embedding is the prefix."""
-
-    def __init__(self, num_tokens: int, token_dim: int, num_layers: int, projection: bool = False,
-                 encoder_hidden_size: Optional[int] = None, device=None, dtype=None):
-        super().__init__()
-        out = num_layers * 2 * token_dim
-        self.projection = projection
-        if projection:
-            hid = encoder_hidden_size or token_dim
-            self.embedding = nn.Embedding(num_tokens, token_dim, device=device, dtype=dtype)
-            self.transform = nn.Sequential(nn.Linear(token_dim, hid, device=device, dtype=dtype), nn.Tanh(),
-                                           nn.Linear(hid, out, device=device, dtype=dtype))
-        else:
-            self.embedding = nn.Embedding(num_tokens, out, device=device, dtype=dtype)
-
-    def forward(self) -> torch.Tensor:
-        w = self.embedding.weight
-        return self.transform(w) if self.projection else w
-
-    def to_save(self) -> torch.Tensor:
-        return self.forward()
+def _prompt_table(enc: nn.Module) -> torch.Tensor:
+    """What PEFT saves as ``prompt_embeddings``: the prompt rows ``(P, D)``, or the (projected)
+    prefix table ``(P, num_layers·2·W)``."""
+    from fastpeft.modules.prefix import PrefixEncoder
+    return enc.table()[0] if isinstance(enc, PrefixEncoder) else enc.embedding.weight
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -542,11 +517,16 @@ class PeftModel(nn.Module):
             if extra:
                 config.modules_to_save = list(config.modules_to_save or []) + extra
         if isinstance(config, PromptTuningConfig):
-            enc = PromptEncoder(config.num_virtual_tokens, config.token_dim, device=w.device, dtype=w.dtype)
+            from fastpeft.modules.prompt import PromptTuning
+            enc = PromptTuning(config.num_virtual_tokens, config.token_dim).to(device=w.device, dtype=w.dtype)
         else:
+            from fastpeft.modules.prefix import PrefixEncoder
+            # a PEFT checkpoint in inference mode holds the projected table: no projection MLP then
             projection = config.prefix_projection and not config.inference_mode
-            enc = PeftPrefixEncoder(config.num_virtual_tokens, config.token_dim, config.num_layers, projection,
-                                config.encoder_hidden_size, device=w.device, dtype=w.dtype)
+            H = config.num_attention_heads
+            enc = PrefixEncoder(config.num_layers, H, config.token_dim // H, config.num_virtual_tokens, projection,
+                                encoder_hidden_size=config.encoder_hidden_size or config.token_dim,
+                                token_dim=config.token_dim, device=w.device, dtype=w.dtype)
         self.prompt_encoder[name] = enc
         journal.on_undo(lambda: self.prompt_encoder.pop(name))
         return config
@@ -716,7 +696,7 @@ class PeftModel(nn.Module):
         if isinstance(cfg, VPTConfig):
             out["prompt_embeddings"] = self.prompt_encoder[name].prompt_embeddings
         elif cfg.is_prompt_learning:
-            out["prompt_embeddings"] = self.prompt_encoder[name].to_save()
+            out["prompt_embeddings"] = _prompt_table(self.prompt_encoder[name])
         elif isinstance(cfg, LoraConfig):
             for path, m in self._lora_layers():
                 if name in m.lora_A:
@@ -762,7 +742,7 @@ class PeftModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
-                        is_trainable: bool = False, **kwargs) -> "PeftModel":
+                        is_trainable: bool = False) -> "PeftModel":
         """Load a fastpeft- or PEFT-saved adapter onto ``model``. A bad checkpoint raises (naming
         the file and key) and leaves ``model`` exactly as it was."""
         config, cfg_path, tensors, w_path = _read_checkpoint(model_id)
@@ -804,16 +784,9 @@ class PeftModel(nn.Module):
             if cfg.is_prompt_learning and not isinstance(cfg, VPTConfig):
                 enc = self.prompt_encoder[name]
                 t = tensors["prompt_embeddings"]
-                if isinstance(enc, PeftPrefixEncoder) and enc.projection:
-                    # the file holds projected prefixes: keep them as the (unprojected) embedding
-                    w = enc.embedding.weight
-                    enc.projection = False
-                    del enc.transform
-                    enc.embedding = nn.Embedding(t.shape[0], t.shape[1], device=w.device, dtype=w.dtype)
-                    enc.embedding.requires_grad_(w.requires_grad)
-                    enc.embedding.weight.copy_(t)
-                else:
-                    enc.to_save().copy_(t)
+                if getattr(enc, "prefix_projection", False):
+                    enc.fold()  # the file holds projected prefixes: they become the plain table
+                enc.embedding.weight.copy_(t)
             for k, p in expected.items():
                 if isinstance(p, nn.Parameter):  # computed prompts were handled above
                     p.copy_(tensors[k])
@@ -894,11 +867,9 @@ def _hf_prompt_forward(model, enc, cfg, input_ids=None, attention_mask=None, inp
         from transformers import DynamicCache
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + P
-        pkv = enc().to(_first_param(model).dtype)
-        H = cfg.num_attention_heads
-        pkv = pkv.view(P, cfg.num_layers * 2, H, cfg.token_dim // H).unsqueeze(0).expand(B, -1, -1, -1, -1)
-        pkv = pkv.permute(2, 0, 3, 1, 4)  # (2L, B, H, P, hd)
-        layers = [(pkv[2 * i], pkv[2 * i + 1]) for i in range(cfg.num_layers)]
+        dt = _first_param(model).dtype
+        # fastpeft.PrefixEncoder reads the table as PEFT does: layer i's keys slot 2i, values 2i+1
+        layers = [(k.to(dt), v.to(dt)) for k, v in enc(batch_size=B)]
         cache = DynamicCache(layers, config=_hf_text_config(model))
         return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                      past_key_values=cache, **kwargs)
@@ -907,7 +878,7 @@ def _hf_prompt_forward(model, enc, cfg, input_ids=None, attention_mask=None, inp
         inputs_embeds = _input_embeddings(model)(input_ids)
     if labels is not None and cfg.task_type == "CAUSAL_LM":
         kwargs["labels"] = torch.cat([torch.full((B, P), -100, dtype=labels.dtype, device=labels.device), labels], 1)
-    prompts = enc().unsqueeze(0).expand(B, -1, -1).to(inputs_embeds.dtype)
+    prompts = enc(B).to(inputs_embeds.dtype)
     return model(inputs_embeds=torch.cat([prompts, inputs_embeds], dim=1), attention_mask=attention_mask, **kwargs)
 
 
@@ -915,9 +886,8 @@ def _native_prefix_forward(model, enc, cfg, *args, **kwargs):
     """Prefix tuning on fastpeft's ViT / BERT: one (1, heads, P, head_dim) key/value prefix per
     layer, shared by the whole batch (never expanded), through the fused prefix attention
     (prefixes are always visible, so the attention mask needs no extension)."""
-    H, L, P = cfg.num_attention_heads, cfg.num_layers, cfg.num_virtual_tokens
-    pkv = enc().to(_first_param(model).dtype).view(P, L * 2, H, cfg.token_dim // H).permute(1, 2, 0, 3)
-    kwargs["prefix_kv"] = [(pkv[2 * i].unsqueeze(0), pkv[2 * i + 1].unsqueeze(0)) for i in range(L)]
+    dt = _first_param(model).dtype
+    kwargs["prefix_kv"] = [(k.to(dt), v.to(dt)) for k, v in enc()]  # Bp = 1
     return model(*args, **kwargs)
 
 
