@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fastpeft.models import ViT, ViTConfig
 from fastpeft.modules.lora import LoRALinear
 from fastpeft.modules.vpt import VPT, vpt_init_bound
+from tests.conftest import backend_params
 
 TIGHT = dict(atol=1e-5, rtol=1e-5)
 
@@ -82,6 +83,26 @@ def test_fast_deep_equals_concat_outputs_and_grads(pool, dropout, batch):
     for n in tr:
         assert tr[n].grad is not None and tr[n].grad.abs().sum() > 0, n
         torch.testing.assert_close(tf[n].grad, tr[n].grad, **TIGHT, msg=lambda s: f"{n}: {s}")
+
+
+@pytest.mark.parametrize("backend", backend_params("prefix_attention"))
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["nodrop", "drop0.3"])
+def test_fast_deep_equals_concat_on_every_backend(backend, dropout, monkeypatch):
+    """The fast path through each prefix_attention backend (Bp = 1 and Bp = B) vs concatenation."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    ref = VPT(tiny_vit("mean", depth=2), 5, deep=True, dropout=dropout, fast=False)
+    fast = copy.deepcopy(ref)
+    fast.fast = True
+    x = images(2)
+    outs = []
+    for m in (ref, fast):
+        torch.manual_seed(7)
+        y = m(x)
+        y.square().sum().backward()
+        outs.append(y)
+    torch.testing.assert_close(outs[1], outs[0], **TIGHT)
+    for n, p in trainable(ref).items():
+        torch.testing.assert_close(trainable(fast)[n].grad, p.grad, **TIGHT, msg=lambda s: f"{n}: {s}")
 
 
 def test_fast_deep_exact_grads_with_trainable_lora_on_qkv():
