@@ -7,8 +7,10 @@ module object, its parameters, adapter names, scaling, merge state and every PEF
 (``set_adapter``, ``disable_adapter``, ``merge_and_unload``, ``save_pretrained``) stay PEFT's,
 so nothing else in the PEFT model changes. Cases the fused op does not cover (DoRA and other
 LoRA variants, several active adapters at once, ``adapter_names`` mixed batches,
-``fan_in_fan_out`` weights, a LoRA bias, a base layer that is not ``nn.Linear``, adapter and
-base dtypes that differ) fall back to PEFT's own forward for that call.
+``fan_in_fan_out`` weights, a LoRA bias, a base layer that is not ``nn.Linear``, an input whose
+dtype differs from the base weight's) fall back to PEFT's own forward for that call. Adapters
+that PEFT keeps in fp32 on a bf16 / fp16 base are cast to the activation dtype for the fused op
+(it accumulates in fp32); outputs then agree with PEFT to that dtype's tolerance.
 
 Dropout: with ``lora_dropout > 0`` in training, fastpeft draws its own (counter-based) masks,
 so individual masks differ from PEFT's torch RNG ones; in eval mode or with p = 0 outputs
@@ -58,9 +60,15 @@ class FusedPeftLoraLinear:
             p = 0.0
         else:
             return None
-        if not (x.dtype == base.weight.dtype == A.weight.dtype == B.weight.dtype):
+        if x.dtype != base.weight.dtype or A.weight.dtype != B.weight.dtype or not A.weight.is_floating_point():
             return None
-        return A.weight, B.weight, float(self.scaling[name]), p
+        a, b = A.weight, B.weight
+        if a.dtype != x.dtype:
+            # PEFT keeps adapters in fp32 on a bf16/fp16 base (autocast_adapter_dtype): the fused op
+            # runs in the activation dtype (fp32 accumulation); the casts are differentiable, so the
+            # fp32 parameters still receive their gradients
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        return a, b, float(self.scaling[name]), p
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         plan = self._fastpeft_plan(x, args, kwargs)

@@ -5,7 +5,7 @@ import warnings
 import torch
 from torch import nn
 
-warnings.filterwarnings("ignore", message=".*")  # HF / PEFT chatter about missing hub configs
+
 
 from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           ViTConfig, ViTForImageClassification)

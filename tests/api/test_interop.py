@@ -228,6 +228,29 @@ def test_patch_peft_forward_is_fastpeft_op(monkeypatch):
     assert len(calls) == 2  # one per layer's q_proj
 
 
+def test_patch_peft_bf16_base_with_fp32_adapters():
+    """PEFT keeps LoRA weights in fp32 on a bf16 model; the patched layers still fuse."""
+    base = build("hf_llama").to(torch.bfloat16)
+    torch.manual_seed(5)
+    hp = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    assert {p.dtype for n, p in hp.named_parameters() if "lora_" in n} == {torch.float32}
+    ref = run("hf_llama", hp)
+    ref.float().pow(2).sum().backward()
+    g_ref = _grads(hp)
+    hp.zero_grad()
+    fastpeft.patch_peft(hp)
+    layer = hp.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, 32, dtype=torch.bfloat16)
+    assert layer._fastpeft_plan(x, (), {}) is not None  # fused, not the fallback
+    out = run("hf_llama", hp)
+    assert out.dtype == torch.bfloat16
+    assert_close(out, ref, torch.bfloat16, "bf16 output")
+    out.float().pow(2).sum().backward()
+    for k, g in _grads(hp).items():
+        assert g.dtype == torch.float32
+        assert_close(g, g_ref[k], torch.bfloat16, k, scale=4.0)
+
+
 def test_patch_peft_without_lora_raises():
     with pytest.raises(ValueError, match="no peft.tuners.lora.Linear"):
         fastpeft.patch_peft(build("mlp"))
