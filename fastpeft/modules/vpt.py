@@ -35,7 +35,7 @@ block order from torch's generator, so both paths see identical masks for the sa
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
