@@ -322,7 +322,9 @@ at::ScalarType compute_type(const Tensor& q) {
 }
 Tensor prep(const Tensor& t, at::ScalarType ct) {
   Tensor x = t.scalar_type() == ct ? t : t.to(ct);
-  return x.stride(-1) == 1 ? x : x.contiguous();
+  // rows are BLAS operands: unit stride along D and a row stride >= D (an expanded, stride-0
+  // row axis - e.g. dout of out.sum() - is copied); batch/head strides may be anything, even 0
+  return (x.stride(-1) == 1 && x.stride(-2) >= x.size(-1)) ? x : x.contiguous();
 }
 c10::optional<Tensor> prep_mask(const c10::optional<Tensor>& m) {
   if (!m.has_value() || !m->defined()) return c10::nullopt;

@@ -308,3 +308,24 @@ def test_torch_compile_fullgraph():
     assert_close(out, ref, torch.float32, "out")
     for name, a, t in zip(NAMES, got, (q, k, v, pk, pv)):
         assert_close(a, t.grad, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_views_as_inputs(backend):
+    """q repeated along L and k/v/dout with stride-0 axes (broadcast views) are read correctly."""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(11)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(device=device, dtype=torch.float32)  # noqa: E731
+    q0, k0, v0 = rnd(2, 4, 1, 16), rnd(1, 2, 9, 16), rnd(2, 2, 9, 16)
+    pk, pv = rnd(1, 2, 3, 16), rnd(2, 2, 3, 16)
+    leaves = [t.requires_grad_() for t in (q0, k0, v0, pk, pv)]
+    args = (q0.expand(2, 4, 7, 16), k0.expand(2, 2, 9, 16), v0, pk.expand(2, 2, 3, 16), pv)
+    out = fastpeft.prefix_attention(*args, is_causal=True, backend=backend)
+    out.sum().backward()  # dout is a fully stride-0 view of ones
+    ref_leaves = upcast(leaves)
+    ref = prefix_attention_reference(ref_leaves[0].expand(2, 4, 7, 16), ref_leaves[1].expand(2, 2, 9, 16),
+                                     ref_leaves[2], ref_leaves[3].expand(2, 2, 3, 16), ref_leaves[4], is_causal=True)
+    ref.sum().backward()
+    assert_close(out, ref, torch.float32, "out")
+    for name, t, r in zip(NAMES, leaves, ref_leaves):
+        assert_close(t.grad, r.grad, torch.float32, f"d{name}")
