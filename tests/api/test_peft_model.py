@@ -353,3 +353,44 @@ def test_attribute_delegation_and_call():
     pm = fastpeft.get_peft_model(build("fp_vit"), fastpeft.LoraConfig())
     assert pm.config is pm.get_base_model().config
     assert pm.forward_features(FAMILIES["fp_vit"][1]()["images"]).shape == (2, 5, 32)
+
+
+@pytest.mark.parametrize("family", ["hf_vit", "hf_llama", "hf_bert"])
+def test_parallel_adapter_reads_residual_stream_hf(family):
+    """AdaptFormer on HF layers: the adapter's input is the residual stream entering the FFN
+    (pre-norm: the input of the norm before the MLP; BERT: the FFN output's residual input) and
+    its output is added beside the MLP."""
+    base = build(family)
+    pm = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.AdapterConfig(kind="parallel", bottleneck=4,
+                                                                            init="bert", scaling=0.7))
+    layers = {"hf_vit": lambda m: m.vit.layers, "hf_llama": lambda m: m.model.layers,
+              "hf_bert": lambda m: m.bert.encoder.layer}[family]
+    seen = {}
+    if family == "hf_bert":
+        site = layers(pm.model)[0].output
+        site.register_forward_hook(lambda mod, args, out: seen.update(x=args[1], h=args[0], y=out))
+    else:
+        site = layers(pm.model)[0].mlp
+        norm = layers(pm.model)[0].layernorm_after if family == "hf_vit" else \
+            layers(pm.model)[0].post_attention_layernorm
+        norm.register_forward_hook(lambda mod, args, out: seen.update(x=args[0]))
+        site.register_forward_hook(lambda mod, args, out: seen.update(h=args[0], y=out))
+    run(family, pm)
+    ad = site.adapters["default"]
+    branch = 0.7 * ad.up(torch.relu(ad.down(seen["x"])))
+    if family == "hf_bert":
+        b = site.base_layer
+        expect = b.LayerNorm(b.dense(seen["h"]) + seen["x"] + branch)
+    else:
+        expect = site.base_layer(seen["h"]) + branch
+    assert_close(seen["y"], expect, torch.float32, "parallel site")
+
+
+def test_unload_drops_lora_without_merging():
+    base = build("hf_llama")
+    ref = run("hf_llama", base)
+    pm = fastpeft.get_peft_model(copy.deepcopy(base), _lora())
+    pm.merge_adapter()
+    plain = pm.unload()
+    assert not any(isinstance(m, LoRALinear) for m in plain.modules())
+    assert torch.equal(run("hf_llama", plain), ref)
