@@ -9,7 +9,7 @@ fastpeft-only (``peft_type`` "ADAPTER", "VPT", "BITFIT").
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
 __all__ = ["LoraConfig", "AdapterConfig", "PromptTuningConfig", "PrefixTuningConfig", "VPTConfig",

@@ -1,6 +1,5 @@
 """Tiny models for the model-level API tests (built from configs; nothing is downloaded)."""
 import copy
-import warnings
 
 import torch
 from torch import nn
