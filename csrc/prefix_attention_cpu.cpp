@@ -32,6 +32,10 @@
 // buffers, the two dq partials need an extra add, its grads come out (B,S,H,D)-strided and need
 // copies, and the merge is another pass over out - all fresh multi-MB buffers that page-fault
 // on this box. (b) touches each output once and keeps its working set in per-thread tiles.
+// `python -m fastpeft bench --op prefix --threads 2` (same shape, fwd+bwd, p50): Bp=1 136 ms vs
+// cat + SDPA 236 ms (0.58×), Bp=B 350 vs 456 ms (0.77×); peak memory 37 / 42 MB vs 74 MB.
+// Limits: the score tile spans all P+S keys (no online softmax over key blocks), so very long S
+// costs 2·64·(P+S) floats per thread in backward; backward parallelises over B·Hkv only.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
