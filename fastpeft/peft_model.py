@@ -373,13 +373,15 @@ class PeftModel(nn.Module):
             raise ValueError("config: prompt-learning adapters cannot be mixed with other methods in one model")
         model = self.base_model.model
         if isinstance(config, LoraConfig):
+            config = _with_seq_cls_head(model, config)
             self._inject_lora(model, name, config, journal)
         elif isinstance(config, AdapterConfig):
             self._inject_adapter(model, name, config, journal)
         elif isinstance(config, BitFitConfig):
             self._inject_bitfit(model, name, journal)
         elif isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
-            config = self._inject_prompt(model, name, config, journal)
+            config = self._fill_prompt_config(model, config)
+            self._inject_prompt(model, name, config, journal)
         elif isinstance(config, VPTConfig):
             self._inject_vpt(model, name, config, journal)
         else:
@@ -490,8 +492,9 @@ class PeftModel(nn.Module):
         self._bitfit[name] = names
         journal.on_undo(lambda: (self._bitfit.clear(), self._bitfit_orig.clear()))
 
-    def _inject_prompt(self, model, name, config, journal):
-        w = _first_param(model)
+    @staticmethod
+    def _fill_prompt_config(model, config):
+        """Model dimensions PEFT fills in (num_layers, token_dim, heads, task_type)."""
         if _is_fastpeft_vit(model):
             c = model.config
             if isinstance(config, PromptTuningConfig):
@@ -510,12 +513,10 @@ class PeftModel(nn.Module):
         config = dataclasses.replace(config, **{k: v for k, v in fill.items() if getattr(config, k) is None})
         if config.task_type is None and _is_hf(model):
             config.task_type = _hf_task_type(model)
-        if config.task_type == "SEQ_CLS":
-            # as PEFT's PeftModelForSequenceClassification: the classifier head is trained and saved
-            present = {n.rpartition(".")[2] for n, _ in model.named_modules()}
-            extra = [h for h in ("classifier", "score") if h in present and h not in (config.modules_to_save or [])]
-            if extra:
-                config.modules_to_save = list(config.modules_to_save or []) + extra
+        return _with_seq_cls_head(model, config)
+
+    def _inject_prompt(self, model, name, config, journal):
+        w = _first_param(model)
         if isinstance(config, PromptTuningConfig):
             from fastpeft.modules.prompt import PromptTuning
             enc = PromptTuning(config.num_virtual_tokens, config.token_dim).to(device=w.device, dtype=w.dtype)
@@ -529,7 +530,6 @@ class PeftModel(nn.Module):
                                 token_dim=config.token_dim, device=w.device, dtype=w.dtype)
         self.prompt_encoder[name] = enc
         journal.on_undo(lambda: self.prompt_encoder.pop(name))
-        return config
 
     def _inject_vpt(self, model, name, config: VPTConfig, journal) -> None:
         from fastpeft.modules.vpt import VPT
@@ -793,6 +793,18 @@ class PeftModel(nn.Module):
 
     def __repr__(self) -> str:
         return f"PeftModel(adapters={list(self.peft_config)}, active={self.active_adapter!r})\n{self.base_model.model!r}"
+
+
+def _with_seq_cls_head(model: nn.Module, config: _Config) -> _Config:
+    """As PEFT's PeftModelForSequenceClassification: with task_type "SEQ_CLS" the classifier head
+    ("classifier" / "score") is trained and saved too. Returns a copy; the user's config is kept."""
+    if getattr(config, "task_type", None) != "SEQ_CLS":
+        return config
+    import dataclasses
+    present = {n.rpartition(".")[2] for n, _ in model.named_modules()}
+    mts = list(config.modules_to_save or [])
+    extra = [h for h in ("classifier", "score") if h in present and h not in mts]
+    return dataclasses.replace(config, modules_to_save=mts + extra) if extra else config
 
 
 def _modules_to_save(model: nn.Module, names: List[str]) -> List[str]:

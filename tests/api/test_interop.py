@@ -254,3 +254,19 @@ def test_patch_peft_bf16_base_with_fp32_adapters():
 def test_patch_peft_without_lora_raises():
     with pytest.raises(ValueError, match="no peft.tuners.lora.Linear"):
         fastpeft.patch_peft(build("mlp"))
+
+
+def test_lora_seq_cls_trains_and_saves_the_classifier_both_ways(tmp_path):
+    base = build("hf_bert")
+    fp = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(task_type="SEQ_CLS", r=2,
+                                                                         init_lora_weights=False))
+    assert fp.model.classifier.weight.requires_grad  # as PEFT: the head is trained for SEQ_CLS
+    with torch.no_grad():
+        fp.model.classifier.weight.add_(0.5)
+    out = run("hf_bert", fp)
+    fp.save_pretrained(str(tmp_path / "fp"))
+    hp = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "fp"))
+    assert_close(run("hf_bert", hp), out, torch.float32, "peft loads SEQ_CLS")
+    hp.save_pretrained(str(tmp_path / "hp"))
+    fp2 = fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "hp"))
+    assert_close(run("hf_bert", fp2), out, torch.float32, "fastpeft loads SEQ_CLS")
