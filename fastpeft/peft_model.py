@@ -149,7 +149,9 @@ class _CaptureInput(nn.Module):
 
 class ParallelMLP(_AdapterSlot):
     """Replaces a pre-norm block's ``mlp`` (HF ViT, LLaMA): ``mlp(norm(x)) + s·f(x)`` where ``x``
-    (the residual stream) is captured from the norm in front of it. The block adds ``x``."""
+    (the residual stream) is captured from the norm in front of it. The block adds ``x``. (HF ViT
+    applies its hidden dropout after the MLP, so in training it also drops the adapter branch;
+    its default hidden_dropout_prob is 0.)"""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
