@@ -481,28 +481,3 @@ def adapter_bwd_triton(dy, x, down_weight, up_weight, up_bias, z, scale, activat
     else:
         d_scale = x.new_empty(0)
     return dx, d_down_weight, d_down_bias, d_up_weight, d_up_bias, d_scale
-
-
-@triton.jit(do_not_specialize=["seed", "thr"])
-def _dropout_keep_kernel(
-    out_ptr,    # (rows, cols) int8 out: keep mask, contiguous
-    rows, cols,
-    row_start,  # logical row of out's first row (tests reach element indices >= 2**32)
-    seed,       # dropout seed
-    thr,        # uint32 keep threshold
-    BLOCK: tl.constexpr,  # elements per program
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    inb = offs < rows * cols
-    idx = (offs // cols + row_start) * cols + offs % cols
-    tl.store(out_ptr + offs, _keep(seed, idx, thr).to(tl.int8), mask=inb)
-
-
-def dropout_keep_triton(seed, p: float, rows: int, cols: int, device, row_start: int = 0) -> torch.Tensor:
-    """The kernels' keep-mask (rows, cols) as bool: for tests against ``fastpeft._dropout.keep_mask``."""
-    out = torch.empty((rows, cols), dtype=torch.int8, device=device)
-    n = rows * cols
-    if n:
-        _dropout_keep_kernel[(triton.cdiv(n, 256),)](out, rows, cols, row_start, int(seed),
-                                                      _dropout.threshold(p), BLOCK=256)
-    return out.bool()

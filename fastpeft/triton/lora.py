@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from fastpeft import _dropout
+from fastpeft.triton._common import dot as _dot
 from fastpeft.triton._common import dropout_keep as _keep
 
 #: the interpreter cannot autotune (no CUDA timing): fixed configs are passed instead
@@ -64,15 +65,6 @@ MAX_RANK = 256
 # --------------------------------------------------------------------------------------
 # device helpers
 # --------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """acc + a·b; exact fp32 products for fp32 inputs (no tf32)."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 @triton.jit
@@ -443,29 +435,3 @@ def lora_bwd_triton(dy, x, weight, lora_A, lora_B, t, scaling: float, dropout_p:
     dW = torch.mm(dy.t(), x) if need_weight else empty()
     db = dy.sum(0) if need_bias else empty()
     return dx, dW, db, dA, dB
-
-
-@triton.jit(do_not_specialize=["seed", "thr"])
-def _lora_keep_kernel(
-    out_ptr,    # (rows, cols) int8 out: keep mask, contiguous
-    rows, cols,
-    row_start,  # logical row of out's first row (lets tests reach element indices >= 2**32)
-    seed,       # dropout seed
-    thr,        # uint32 keep threshold
-    BLOCK: tl.constexpr,  # elements per program
-):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    inb = offs < rows * cols
-    idx = (offs // cols + row_start) * cols + offs % cols
-    tl.store(out_ptr + offs, _keep(seed, idx, thr).to(tl.int8), mask=inb)
-
-
-def lora_keep_mask_triton(seed, p: float, rows: int, cols: int, device, row_start: int = 0) -> torch.Tensor:
-    """The LoRA kernels' keep-mask (``_keep``) as bool (rows, cols), for tests against
-    ``fastpeft._dropout.keep_mask`` (incl. element indices past 2**32)."""
-    out = torch.empty((rows, cols), dtype=torch.int8, device=device)
-    n = rows * cols
-    if n:
-        _lora_keep_kernel[(triton.cdiv(n, 256),)](out, rows, cols, row_start, int(seed),
-                                                   _dropout.threshold(p), BLOCK=256)
-    return out.bool()

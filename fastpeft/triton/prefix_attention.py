@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastpeft.triton._common import dot as _dot
+
 #: the interpreter cannot autotune (no CUDA timing): fixed configs are passed instead
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
@@ -61,15 +63,6 @@ def _autotune(configs, key):
 def _cfgs(pairs, stages=(3, 4), warps=(4, 8)):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w)
             for (m, n) in pairs for s in stages for w in warps]
-
-
-@triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    """acc + a·b; exact fp32 products for fp32 inputs (no tf32)."""
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc)
 
 
 # --------------------------------------------------------------------------------------

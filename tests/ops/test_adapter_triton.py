@@ -143,7 +143,7 @@ def test_fresh_adapter_is_identity():
 @pytest.mark.parametrize("row_start", [0, (2**32) // 13 - 3], ids=["low", "index>=2^32"])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_mask_bit_identical(p, row_start):
-    from fastpeft.triton.adapter import dropout_keep_triton
+    from fastpeft.triton._common import dropout_keep_triton
 
     for seed in (0, 1, 987654321, _dropout.SEED_BOUND - 1):
         got = dropout_keep_triton(seed, p, 7, 13, DEVICE, row_start=row_start).cpu()

@@ -147,12 +147,12 @@ def test_dropout_masks_exact(p):
 
 def test_mask_hash_past_2pow32():
     """The kernels' hash uses the high word of int64 element indices like the reference."""
-    from fastpeft.triton.lora import lora_keep_mask_triton
+    from fastpeft.triton._common import dropout_keep_triton
 
     cols = 1000
     row_start = 2**32 // cols - 3  # the block straddles index 2**32
     for seed, p in [(0, 0.3), (2**31 - 2, 0.7), (12345, 0.05)]:
-        got = lora_keep_mask_triton(seed, p, 7, cols, DEVICE, row_start=row_start)
+        got = dropout_keep_triton(seed, p, 7, cols, DEVICE, row_start=row_start)
         exp = _dropout.keep_mask(seed, p, 7, cols, row_start=row_start).to(DEVICE)
         assert torch.equal(got, exp), (seed, p)
 
