@@ -147,6 +147,7 @@ Tensor to_compute(const Tensor& t, at::ScalarType ct) {
 // the fallback) uses ATen's mm/addmm.
 using LinFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
                      c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
+
 using LinAddFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
                         c10::string_view);
 
@@ -190,13 +191,10 @@ Tensor linear(const Tensor& X, const Tensor& W, const c10::optional<Tensor>& B, 
   return at::mm(X, W.t());
 }
 
-// X (n, k) · W (o, k)ᵀ + B (o,) + other (n, o) -> new (n, o)
-Tensor linear_add(const Tensor& X, const Tensor& other, const Tensor& W, const c10::optional<Tensor>& B,
-                  bool use_dnnl) {
-  if (use_dnnl) return dnnl().lin_add->call(X, other, W, B, "add");
-  Tensor out = other.clone();
-  if (B.has_value() && B->defined()) out.add_(*B);
-  return out.addmm_(X, W.t());
+
+// X (n, k) · W (o, k)ᵀ + other (n, o) -> new (n, o), oneDNN only (binary add post-op).
+Tensor linear_add(const Tensor& X, const Tensor& other, const Tensor& W, const c10::optional<Tensor>& B) {
+  return dnnl().lin_add->call(X, other, W, B, "add");
 }
 
 // ----------------------------------------------------------------------------------------
@@ -206,9 +204,14 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
                                     const c10::optional<Tensor>& residual, Act act, const Dropout& dp) {
   const int64_t M = x.size(0), d = x.size(1), m = Wd.size(0);
   auto opts = x.options();
-  Tensor y = at::empty({M, d}, opts);
+  const bool use_dnnl = use_dnnl_for<T>();
   Tensor z = at::empty({M, m}, opts);
-  if (M == 0) return {y, z};
+  if (M == 0) return {at::empty({M, d}, opts), z};
+  // oneDNN path: phase 1 (blocked) writes h for all rows, phase 2 is one up-projection call
+  // whose binary add post-op fuses c + R and whose output is y itself (the dispatcher op cannot
+  // write into a slice, and per-block outputs copied into y cost fresh-page faults twice).
+  Tensor y = use_dnnl ? Tensor() : at::empty({M, d}, opts);
+  Tensor H = use_dnnl ? at::empty({M, m}, opts) : Tensor();
   // Fold the scale into the up-projection: Wus = diag(scale)·Wu (d, m), c = scale ⊙ bu.
   Tensor Wus = (Wu * scale.unsqueeze(1)).contiguous();
   Tensor WusT = Wus.t();                     // (m, d) view for h·Wusᵀ
@@ -218,10 +221,9 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
   const Tensor R = residual.has_value() && residual->defined() ? *residual : x;
   const T* Rp = R.data_ptr<T>();
   const T* cp = c.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
+  T* yp = use_dnnl ? nullptr : y.data_ptr<T>();
   const int64_t BR = block_rows(M, d, sizeof(T), std::max(1, at::get_num_threads()));
   const int64_t nblk = (M + BR - 1) / BR;
-  const bool use_dnnl = use_dnnl_for<T>();
 
   const int nth = std::max(1, at::get_num_threads());
   // Per-thread scratch: the bottleneck activation h and the dropout multipliers of one block.
@@ -235,8 +237,8 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
     Tensor& mult = mult_t[tid];
     {
       const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
-      Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), hb = h.narrow(0, 0, nr);
-      Tensor yb = y.narrow(0, r0, nr);
+      Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr);
+      Tensor hb = use_dnnl ? H.narrow(0, r0, nr) : h.narrow(0, 0, nr);
       if (use_dnnl) {
         Tensor zn = linear(xb, Wd, bd, true);
         zb.copy_(zn);
@@ -249,11 +251,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
         dropout_mult<T>(dp, mult.data_ptr<T>(), r0, nr, m);
         mul_inplace<T>(hb.data_ptr<T>(), mult.data_ptr<T>(), nr * m);
       }
-      if (use_dnnl) {
-        // y_blk = h·Wusᵀ + c + R_blk in one oneDNN call (binary add post-op), R_blk still hot.
-        yb.copy_(linear_add(hb, R.narrow(0, r0, nr), Wus, c, true));
-        return;
-      }
+      if (use_dnnl) return;
       // y_blk = R_blk + c while R_blk (often x_blk, just read) is still in cache ...
       for (int64_t i = 0; i < nr; ++i) {
         const T* rr = Rp + (r0 + i) * d;
@@ -262,9 +260,10 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
         for (int64_t j = 0; j < d; ++j) yr[j] = rr[j] + cp[j];
       }
       // ... then y_blk += h·Wusᵀ accumulates in place.
-      yb.addmm_(hb, WusT);
+      y.narrow(0, r0, nr).addmm_(hb, WusT);
     }
   });
+  if (use_dnnl) y = linear_add(H, R, Wus, c);       // y = H·Wusᵀ + c + R
   return {y, z};
 }
 
@@ -275,14 +274,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     bool need_scale) {
   const int64_t M = x.size(0), d = x.size(1), m = Wd.size(0);
   auto opts = x.options();
-  Tensor dx = need_x ? at::empty({M, d}, opts) : at::empty({0}, opts);
+  const bool use_dnnl = use_dnnl_for<T>();
+  // oneDNN path: dx = dz·Wd (+ dy) is one call after the blocked phase (its output is dx
+  // itself, see fwd_impl), so dz is kept for all rows (M, m).
+  Tensor dx = (need_x && !use_dnnl) ? at::empty({M, d}, opts) : at::empty({0}, opts);
+  Tensor DZ = (need_x && use_dnnl) ? at::empty({M, m}, opts) : Tensor();
   Tensor Wus = (Wu * scale.unsqueeze(1)).contiguous();   // (d, m): dh = dy·Wus
   Tensor WusT = Wus.t().contiguous();                    // (m, d): dh = linear(dy, WusT)
   Tensor WdT = Wd.t().contiguous();                      // (d, m): dz·Wd = linear(dz, WdT)
   const int nth = std::max(1, at::get_num_threads());
   const int64_t BR = block_rows(M, d, sizeof(T), nth);
   const int64_t nblk = M == 0 ? 0 : (M + BR - 1) / BR;
-  const bool use_dnnl = use_dnnl_for<T>();
   // Per-thread accumulators: Gᵀ = hᵀ·dy (m, d), s = colsum(dy) (d,), dWd = dzᵀ·x (m, d), dbd (m,).
   Tensor GT_t = at::zeros({nth, m, d}, opts), s_t = at::zeros({nth, d}, opts);
   Tensor dWd_t = at::zeros({nth, m, d}, opts), dbd_t = at::zeros({nth, m}, opts);
@@ -303,7 +305,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     {
       const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
       Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), dyb = dy.narrow(0, r0, nr);
-      Tensor hb = h.narrow(0, 0, nr), dhb = dh.narrow(0, 0, nr), dzb = dz.narrow(0, 0, nr);
+      Tensor hb = h.narrow(0, 0, nr), dhb = dh.narrow(0, 0, nr);
+      Tensor dzb = DZ.defined() ? DZ.narrow(0, r0, nr) : dz.narrow(0, 0, nr);
       act_fwd(act, hb, zb);                                   // recompute h = act(z)
       if (use_dnnl) dhb.copy_(linear(dyb, WusT, c10::nullopt, true));
       else at::mm_out(dhb, dyb, Wus);                         // dh = dy·Wus   (nr, m)
@@ -325,27 +328,38 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
       }
       const T* dzp = dzb.data_ptr<T>();
       for (int64_t i = 0; i < nr; ++i) {
-        const T* dr = dyp + (r0 + i) * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) sp[j] += dr[j];
         const T* zr = dzp + i * m;
 #pragma omp simd
         for (int64_t j = 0; j < m; ++j) dbdp[j] += zr[j];
       }
-      if (need_x) {
-        Tensor dxb = dx.narrow(0, r0, nr);
-        if (use_dnnl) {
-          dxb.copy_(residual_is_x ? linear_add(dzb, dyb, WdT, c10::nullopt, true)   // dy + dz·Wd
-                                  : linear(dzb, WdT, c10::nullopt, true));
-        } else if (residual_is_x) {
-          dxb.copy_(dyb);
-          dxb.addmm_(dzb, Wd);                                // dx = dy + dz·Wd
-        } else {
-          at::mm_out(dxb, dzb, Wd);
+      Tensor dxn;  // dz·Wd (nr, d) when x needs a gradient (ATen path)
+      const bool blk_dx = need_x && !use_dnnl;
+      if (blk_dx) dxn = at::mm(dzb, Wd);
+      // One pass over the dy block: colsum(dy) and (ATen path) dx = dz·Wd (+ dy).
+      const T* dxnp = blk_dx ? dxn.data_ptr<T>() : nullptr;
+      T* dxp = blk_dx ? dx.data_ptr<T>() : nullptr;
+      for (int64_t i = 0; i < nr; ++i) {
+        const T* dr = dyp + (r0 + i) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) sp[j] += dr[j];
+        if (blk_dx) {
+          const T* nr_ = dxnp + i * d;
+          T* xr = dxp + (r0 + i) * d;
+          if (residual_is_x) {
+#pragma omp simd
+            for (int64_t j = 0; j < d; ++j) xr[j] = nr_[j] + dr[j];
+          } else {
+#pragma omp simd
+            for (int64_t j = 0; j < d; ++j) xr[j] = nr_[j];
+          }
         }
       }
     }
   });
+  if (need_x && use_dnnl) {
+    dx = residual_is_x ? linear_add(DZ, dy, WdT, c10::nullopt)    // dx = dz·Wd + dy
+                       : linear(DZ, WdT, c10::nullopt, true);
+  }
   // Reduce the accumulators of the threads that ran.
   std::vector<int64_t> ids;
   for (int i = 0; i < nth; ++i) if (used[i]) ids.push_back(i);
