@@ -3,14 +3,24 @@
 //   z = x·Wdᵀ + bd                                  (M, m) pre-activation, returned (saved for bwd)
 //   y = R + scale ⊙ (drop(act(z))·Wuᵀ + bu)         (M, d), R = x or the given residual
 //
-// Row-blocked: each block of BR rows of x stays in L2 through the down-projection, bias,
-// activation, dropout, up-projection, bias, scale and residual add, so x and y are each
-// streamed through memory once. The scale is folded into the up weight once per call
-// (Wus = diag(scale)·Wu, c = scale ⊙ bu), so y_blk = R_blk + c, then y_blk += h·Wusᵀ.
-// Blocks run in parallel (at::parallel_for); GEMMs on a block are single-threaded ATen/BLAS
-// calls. Backward is blocked the same way and recomputes act(z) and the dropout mask from z;
-// weight gradients go to per-thread accumulators reduced at the end.
+// Row-blocked: blocks of BR rows (about 1.5 MiB of x) are handed out dynamically to the
+// threads (at::parallel_for + an atomic counter); GEMMs on a block are single-threaded calls.
+// The scale is folded into the up weight once per call (Wus = diag(scale)·Wu, c = scale ⊙ bu).
+// * fp64 / no oneDNN (ATen GEMMs, written in place): each block of x stays in L2 through the
+//   down-projection, bias, activation, dropout, y_blk = R_blk + c and y_blk += h·Wusᵀ, so x and y
+//   are each streamed once. Backward likewise, dx_blk = dz·Wd (+ dy) written per block.
+// * fp32 with oneDNN (mkldnn::_linear_pointwise; its AVX-512 kernels run ~2x faster than the
+//   BLAS behind at::mm here): the blocked phase does the down-projection, bias, activation and
+//   dropout (h, and z which is returned); then ONE oneDNN call computes y = h·Wusᵀ + c + R with
+//   the residual add as a binary post-op and its output is y itself. The op cannot write into a
+//   slice, and per-block outputs copied into y cost fresh-page faults twice (measured ~3x the
+//   GEMM time on this VM), so this phase reads x a second time instead. Backward: the blocked
+//   phase recomputes act(z) and the mask, dh = dy·Wus, dz, the weight-gradient GEMMs into
+//   per-thread accumulators and colsum(dy); then one oneDNN call gives dx = dz·Wd + dy.
+// Backward recomputes act(z) and the dropout mask from z (nothing else is saved).
 // fp32/fp64 compute natively; fp16/bf16 are upcast to fp32 and the results cast back.
+// Measured (2 threads, fp32, M=8192 d=768 m=64 GELU, python -m fastpeft bench --op adapter):
+// training step 21.1 ms vs eager 37.5 / torch.compile 36.1; see the report for the table.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
