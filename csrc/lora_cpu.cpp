@@ -17,8 +17,11 @@
 //
 // So no M×N temporary, no separate add or scale pass, no M×K float mask or dropped copy of
 // x: the extra memory is t and dt (M×r), per-chunk dA/dB partials and BR-row scratch.
-// Rank-r GEMMs on a block are single-threaded ATen/BLAS calls inside at::parallel_for; the
-// partials are per chunk (fixed split), so results do not depend on thread scheduling.
+// Blocks run in at::parallel_for (one contiguous chunk of blocks per thread); the rank-r
+// products on a block are register-blocked micro-kernels (below) when r is 1, 2, 4 or 8
+// vectors wide, else single-threaded BLAS calls. The dA/dB partials are per chunk (fixed
+// split), so results do not depend on thread scheduling. FASTPEFT_LORA_BR overrides the
+// block height (for tuning).
 // The dropout mask is fastpeft::dropout_keep (common.h), bit-identical to fastpeft._dropout.
 // fp32/fp64 compute natively; fp16/bf16 are upcast to fp32 and the results cast back.
 #include <torch/library.h>
