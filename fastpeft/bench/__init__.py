@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -46,6 +46,38 @@ class Case:
     budget_s: float = 6.0       # stop repeating once past this (and min_reps)
     max_reps: int = 200
     extra: Dict[str, object] = field(default_factory=dict)
+
+
+def autograd_preps(fns: Dict[str, Callable[[], torch.Tensor]], mode: str, grad_out: torch.Tensor,
+                   params: Sequence[torch.Tensor], no_grad: Sequence[str] = ()) -> Dict[str, Prep]:
+    """Preps timing each ``fn`` in ``mode``: "fwd" (the call), "bwd" (the backward of an untimed
+    call, with ``grad_out``) or "full" (call + backward). ``params``' grads are reset before every
+    repetition; providers named in ``no_grad`` (e.g. a copy floor) time the bare call in every mode.
+    """
+    if mode not in ("fwd", "bwd", "full"):
+        raise ValueError(f"mode: expected 'fwd', 'bwd' or 'full', got {mode!r}")
+
+    def zero_grads():
+        for q in params:
+            q.grad = None
+
+    def prep_for(name, fn):
+        if name in no_grad or mode == "fwd":
+            def prep():
+                zero_grads()
+                return fn
+        elif mode == "bwd":
+            def prep():
+                zero_grads()
+                y = fn()  # untimed forward
+                return lambda: y.backward(grad_out)
+        else:
+            def prep():
+                zero_grads()
+                return lambda: fn().backward(grad_out)
+        return prep
+
+    return {name: prep_for(name, fn) for name, fn in fns.items()}
 
 
 def commit() -> str:

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastpeft.bench import Case
+from fastpeft.bench import Case, autograd_preps
 
 ACT, SCALING, P = "gelu", 0.1, 0.0  # acceptance configuration: GELU, scaling 0.1, no dropout
 
@@ -72,31 +72,7 @@ def _providers(M: int, d: int, m: int, dtype: torch.dtype, device: torch.device,
         "compile": lambda: comp(x, Wd, bd, Wu, bu, SCALING),
         "fastpeft": lambda: fastpeft.adapter(x, Wd, bd, Wu, bu, ACT, SCALING, dropout_p=P, training=True),
     }
-    params = [x, Wd, bd, Wu, bu]
-
-    def zero_grads():
-        for q in params:
-            q.grad = None
-
-    def prep_for(name, fn):
-        if name == "copy":  # the floor is the same copy in every mode
-            return lambda: fn
-        if mode == "fwd":
-            def prep():
-                zero_grads()
-                return fn
-        elif mode == "bwd":
-            def prep():
-                zero_grads()
-                y = fn()  # untimed forward
-                return lambda: y.backward(dy)
-        else:
-            def prep():
-                zero_grads()
-                return lambda: fn().backward(dy)
-        return prep
-
-    return {name: prep_for(name, fn) for name, fn in fns.items()}, tensors
+    return autograd_preps(fns, mode, dy, [x, Wd, bd, Wu, bu], no_grad=("copy",)), tensors
 
 
 def cases(device, dtype, quick: bool) -> List[Case]:

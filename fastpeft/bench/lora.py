@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastpeft.bench import Case
+from fastpeft.bench import Case, autograd_preps
 
 R, P, ALPHA = 16, 0.1, 32.0  # rank, dropout, lora_alpha (scaling = alpha / r = 2)
 
@@ -106,28 +106,7 @@ def _providers(M: int, K: int, N: int, r: int, p: float, dtype: torch.dtype, dev
 
     params = [x, A, B] + ([] if layer is None else list(layer.lora_A["default"].parameters())
                           + list(layer.lora_B["default"].parameters()))
-
-    def zero_grads():
-        for q in params:
-            q.grad = None
-
-    def prep_for(fn):
-        if mode == "fwd":
-            def prep():
-                zero_grads()
-                return fn
-        elif mode == "bwd":
-            def prep():
-                zero_grads()
-                y = fn()  # untimed forward
-                return lambda: y.backward(dy)
-        else:
-            def prep():
-                zero_grads()
-                return lambda: fn().backward(dy)
-        return prep
-
-    return {name: prep_for(fn) for name, fn in fns.items()}, tensors
+    return autograd_preps(fns, mode, dy, params), tensors
 
 
 def cases(device, dtype, quick: bool) -> List[Case]:

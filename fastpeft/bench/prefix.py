@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from fastpeft.bench import Case
+from fastpeft.bench import Case, autograd_preps
 
 CPU_SHAPE = dict(B=16, H=12, L=197, S=197, P=50, D=64, causal=False)
 CUDA_SHAPE = dict(B=8, H=32, L=2048, S=2048, P=64, D=128, causal=True)
@@ -74,28 +74,7 @@ def _providers(t: dict, causal: bool, mode: str, device: torch.device, with_comp
         comp = _compiled_cat_sdpa()
         fns["compile"] = lambda: comp(q, k, v, pk, pv, causal)
     fns["fastpeft"] = lambda: fastpeft.prefix_attention(q, k, v, pk, pv, is_causal=causal)
-
-    def zero_grads():
-        for x in (q, k, v, pk, pv):
-            x.grad = None
-
-    def prep_for(fn):
-        if mode == "fwd":
-            def prep():
-                zero_grads()
-                return fn
-        elif mode == "bwd":
-            def prep():
-                zero_grads()
-                y = fn()  # untimed forward
-                return lambda: y.backward(dout)
-        else:
-            def prep():
-                zero_grads()
-                return lambda: fn().backward(dout)
-        return prep
-
-    return {name: prep_for(fn) for name, fn in fns.items()}
+    return autograd_preps(fns, mode, dout, (q, k, v, pk, pv))
 
 
 def cases(device, dtype, quick: bool) -> List[Case]:
