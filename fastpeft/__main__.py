@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 #: --op name -> module exposing ``cases(device, dtype, quick) -> list[Case]``
@@ -30,6 +31,7 @@ def _bench(args) -> int:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     ops = list(BENCH_OPS) if args.op == "all" else args.op.split(",")
     all_rows = []
+    md = []
     for op in ops:
         if op not in BENCH_OPS:
             print(f"bench: unknown --op {op!r}; expected one of {sorted(BENCH_OPS)} or 'all'", file=sys.stderr)
@@ -44,8 +46,10 @@ def _bench(args) -> int:
             c.budget_s *= args.budget_scale
         rows = bench.run_cases(cases, csv_path=args.csv, memory=not args.no_memory)
         all_rows += rows
+        title = f"### `--op {op}` on {bench.device_name(device)}, {str(dtype)[6:]}, commit {bench.commit()}"
+        md += [title, "", bench.format_table(rows), ""]
         print()
-        print(f"## {op} on {bench.device_name(device)}")
+        print(title)
         print(bench.format_table(rows), flush=True)
         if args.plot:
             path = bench.plot(rows, args.plot.replace(".png", f"_{op}.png"))
@@ -53,6 +57,11 @@ def _bench(args) -> int:
                 print(f"plot: {path}")
     if args.csv:
         print(f"\nCSV rows appended to {args.csv}")
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(md))
+        print(f"markdown tables written to {args.markdown} (scripts/update_readme.py pastes them in)")
     return 0
 
 
@@ -76,6 +85,7 @@ def main(argv=None) -> int:
     b.add_argument("--csv", default="bench_out/results.csv", help="CSV to append rows to ('' for none)")
     b.add_argument("--plot", default="bench_out/ratio.png", help="plot path ('' for none)")
     b.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    b.add_argument("--markdown", default="bench_out/tables.md", help="markdown tables file ('' for none)")
     sub.add_parser("demo", help="fine-tune a tiny ViT on real digits with every method (see demo --help)")
     args = p.parse_args(argv)
     if args.cmd == "info":
