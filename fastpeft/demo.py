@@ -160,28 +160,31 @@ def _methods(num_classes: int) -> List[Method]:
     ]
 
 
-def step_time_ms(model, params, x, y, backend: Optional[str], reps: int) -> float:
-    """Median time of one training step (fwd + bwd + SGD-free) with FASTPEFT_BACKEND=backend."""
+def step_times_ms(model, params, x, y, backends, reps: int) -> List[float]:
+    """Median training-step time (fwd + bwd) for each entry of ``backends`` (None: automatic,
+    else a FASTPEFT_BACKEND value), measured interleaved so load affects them alike."""
     old = os.environ.get("FASTPEFT_BACKEND")
-    if backend:
-        os.environ["FASTPEFT_BACKEND"] = backend
+    times = [[] for _ in backends]
+    model.train()
     try:
-        model.train()
-        times = []
-        for i in range(reps + 2):
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            times.append((time.perf_counter() - t0) * 1e3)
-            for p in params:
-                p.grad = None
-        times = sorted(times[2:])
-        return times[len(times) // 2]
+        for rep in range(reps + 2):  # the first two rounds warm up
+            for i, backend in enumerate(backends):
+                if backend:
+                    os.environ["FASTPEFT_BACKEND"] = backend
+                else:
+                    os.environ.pop("FASTPEFT_BACKEND", None)
+                t0 = time.perf_counter()
+                F.cross_entropy(model(x), y).backward()
+                if rep >= 2:
+                    times[i].append((time.perf_counter() - t0) * 1e3)
+                for p in params:
+                    p.grad = None
     finally:
         if old is None:
             os.environ.pop("FASTPEFT_BACKEND", None)
         else:
             os.environ["FASTPEFT_BACKEND"] = old
+    return [sorted(t)[len(t) // 2] for t in times]
 
 
 def run(epochs_pre: int = 25, epochs_ft: int = 15, size_ft: int = 16, bs: int = 64, seed: int = 0,
@@ -210,8 +213,10 @@ def run(epochs_pre: int = 25, epochs_ft: int = 15, size_ft: int = 16, bs: int = 
 
     def record(name, model, params, acc, fused):
         n_train = sum(p.numel() for p in params)
-        fast = step_time_ms(model, params, xb, yb, None, reps)
-        ref = step_time_ms(model, params, xb, yb, "reference", reps) if fused else fast
+        if fused:
+            fast, ref = step_times_ms(model, params, xb, yb, [None, "reference"], reps)
+        else:  # no fused op in this method's step: both backends run the same code
+            fast = ref = step_times_ms(model, params, xb, yb, [None], reps)[0]
         model.train()
 
         def prep():
