@@ -5,12 +5,14 @@
 // (a) two ATen flash passes (at::_scaled_dot_product_flash_attention_for_cpu + its backward, one
 // over the prefix, one over the main keys) merged by their log-sum-exp.
 //
-//   forward : one task per (b, h, 64-query tile). Scores against the prefix and against the main
-//             keys are written side by side into a per-thread tile (64 × (P+S), L2-resident; never
-//             the K/V themselves), masked (additive mask read through its strides, so stride-0
-//             broadcast views cost nothing; causal on the main part only, top-left), soft-maxed
-//             once (one max, one sum, lse = max + log sum), and multiplied by pv and v with two
-//             GEMMs accumulating into the same output rows.
+//   forward : one task per (b, h, query tile); the tile is as tall as a ~512 KB score tile allows
+//             (<= 256 rows, >= 4 tasks per thread, rows balanced), so at L = 197 it is the whole
+//             head (64-row tiles gave 64+64+64+5 rows: more, smaller GEMMs). Scores against
+//             the prefix and against the main keys are written side by side into a per-thread
+//             tile (rows × (P+S), L2-resident; never the K/V themselves), masked (additive
+//             mask read through its strides, so stride-0 broadcast views cost nothing; causal on
+//             the main part only, top-left), soft-maxed once (one max, one sum, lse = max + log
+//             sum), and multiplied by pv and v with two GEMMs accumulating into the same rows.
 //   backward: one task per (b, kv head) so dk/dv rows have a single writer (grouped-query heads
 //             of that kv head run in the task). Per tile: p = exp(s - lse), dv += pᵀ·dO,
 //             dP = dO·vᵀ, dS = p ⊙ (dP - rowsum(dO ⊙ out)), dq = dS·k, dk += dSᵀ·q - each split
@@ -22,7 +24,7 @@
 //   are upcast once and computed in fp32 (lse is float32; float64 for float64 inputs).
 //   Allocations: only the outputs plus the per-thread tiles; nothing of the concatenated size.
 //
-// Why (b), measured on this shared 2-core box (load average ~8 from other jobs, so absolute
+// Why (b), first measured on this shared 2-core box (load average ~8 from other jobs, so absolute
 // times are inflated; ratios come from interleaved runs in one process), fp32, 2 threads,
 // B=16 H=12 L=S=197 P=50 D=64, median of 12, relative to cat + SDPA (the floor):
 //                          fwd+bwd (Bp=1 / Bp=B)        fwd only (Bp=1 / Bp=B)
@@ -34,8 +36,18 @@
 // on this box. (b) touches each output once and keeps its working set in per-thread tiles.
 // `python -m fastpeft bench --op prefix --threads 2` (same shape, fwd+bwd, p50): Bp=1 136 ms vs
 // cat + SDPA 236 ms (0.58×), Bp=B 350 vs 456 ms (0.77×); peak memory 37 / 42 MB vs 74 MB.
+// Re-measured on a quiet box with that harness (--threads 2, p50, ratio to cat + SDPA), A/B
+// runs interleaved in one session:       fwd (Bp=1 / Bp=B)       full fwd+bwd (Bp=1 / Bp=B)
+//   64-row forward tiles (before)        1.05-1.14 / 1.11-1.12    1.01-1.05 / 1.00-1.05
+//   whole-head forward tile (this file)  0.92-0.99 / 0.93-0.98    0.96-0.97 / 0.97-0.98
+// (backward unchanged, ~0.96-1.00.) A hybrid - the forward from (a), two ATen flash passes
+// merged by lse (shared prefix as a stride-0 batch view), with this backward - was tried and
+// dropped: fwd 1.09-1.11 / 1.10, full 1.07 / 1.01. The two ATen passes alone (main 15.4-16.2 ms
+// + prefix 5.8-6.3 ms) already exceed cat + SDPA (20.3-20.4 ms): ATen's flash has per-query-
+// block costs that a 50-key pass pays again, and the cat it avoids costs only ~1 ms here.
 // Limits: the score tile spans all P+S keys (no online softmax over key blocks), so very long S
-// costs 2·64·(P+S) floats per thread in backward; backward parallelises over B·Hkv only.
+// costs 2·64·(P+S) floats per thread in backward (forward: at least 16·(P+S)); backward
+// parallelises over B·Hkv only.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -194,16 +206,21 @@ void fwd_impl(const Dims& d, const Tensor& q_, const Tensor& k_, const Tensor& v
   int64_t ms[4] = {0, 0, 0, 0};
   if (mask_t)
     for (int i = 0; i < 4; ++i) ms[i] = mask_t->stride(i);
-  const int64_t ld = d.P + d.S, nblk = (d.L + kBlockM - 1) / kBlockM;
-  const int64_t nt = at::get_num_threads();
-  std::vector<T> scratch(static_cast<size_t>(nt) * kBlockM * ld);
+  const int64_t ld = d.P + d.S, nt = at::get_num_threads();
+  // Query tile height: as tall as a ~512 KB score tile allows (fewer, larger GEMMs; at L = 197 one
+  // tile per head instead of 64+64+64+5 rows), kept to >= 4 tasks per thread, then balanced.
+  const int64_t cap = std::max<int64_t>(16, std::min<int64_t>(256, (512 << 10) / (sizeof(T) * ld)));
+  const int64_t want = std::max<int64_t>((d.L + cap - 1) / cap, (4 * nt + d.B * d.H - 1) / (d.B * d.H));
+  const int64_t nb0 = std::min<int64_t>(want, d.L);
+  const int64_t BM = (d.L + nb0 - 1) / nb0, nblk = (d.L + BM - 1) / BM;
+  std::vector<T> scratch(static_cast<size_t>(nt) * BM * ld);
   T* o = out.data_ptr<T>();
   T* l = lse.data_ptr<T>();
   at::parallel_for(0, d.B * d.H * nblk, 1, [&](int64_t begin, int64_t end) {
-    T* s = scratch.data() + static_cast<int64_t>(at::get_thread_num()) * kBlockM * ld;
+    T* s = scratch.data() + static_cast<int64_t>(at::get_thread_num()) * BM * ld;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / (d.H * nblk), h = (t / nblk) % d.H, i0 = (t % nblk) * kBlockM;
-      const int64_t Mq = std::min(kBlockM, d.L - i0), hk = h / d.G;
+      const int64_t b = t / (d.H * nblk), h = (t / nblk) % d.H, i0 = (t % nblk) * BM;
+      const int64_t Mq = std::min(BM, d.L - i0), hk = h / d.G;
       const int64_t Nm = scores<T, M>(d, q, k, pk, mask, ms, b, h, i0, Mq, scale, s);
       const int64_t N = d.P + Nm;
       T* lrow = l + (b * d.H + h) * d.L + i0;
