@@ -14,38 +14,38 @@ BACKENDS = backend_params("lora")
 NAMES = ["x", "weight", "bias", "lora_A", "lora_B"]
 
 
-def make(M, K, N, r, dtype, device, lead=(), bias=True, train_weight=False, noncontig=False):
-    g = torch.Generator().manual_seed(M * 7919 + K * 31 + N + r)
+def make(M, K, N, r, dtype, device, *, lead=(), bias=True, train_weight=False, noncontig=False, x_grad=True):
+    """LoRA inputs on ``device``: x, A, B require grad (x unless ``x_grad`` is False); W, b only
+    with ``train_weight``; ``noncontig`` makes x a strided view (every other column)."""
+    g = torch.Generator().manual_seed(M * 7919 + K * 31 + N * 7 + r)
     rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    if noncontig:  # every other column of a wider buffer
-        x = rnd(*lead, M, 2 * K)[..., ::2]
+    if noncontig:
+        x = rnd(*lead, M, 2 * K).to(device=device, dtype=dtype)[..., ::2]
     else:
-        x = rnd(*lead, M, K)
-    W, b = rnd(N, K) / math.sqrt(K), rnd(N) if bias else None
-    A, B = rnd(r, K) / math.sqrt(K), rnd(N, r) / math.sqrt(r)
-    ts = []
-    for t, grad in ((x, True), (W, train_weight), (b, train_weight), (A, True), (B, True)):
-        if noncontig and t is x:  # keep the strided view: slice the converted wide buffer
-            t = rnd(*lead, M, 2 * K).to(device=device, dtype=dtype)[..., ::2].copy_(x)
-        elif t is not None:
-            t = t.to(device=device, dtype=dtype)
-        ts.append(None if t is None else t.requires_grad_(grad))
-    return ts
+        x = rnd(*lead, M, K).to(device=device, dtype=dtype)
+    W = (rnd(N, K) / math.sqrt(K)).to(device=device, dtype=dtype)
+    b = rnd(N).to(device=device, dtype=dtype) if bias else None
+    A = (rnd(r, K) / math.sqrt(K)).to(device=device, dtype=dtype)
+    B = (rnd(N, r) / math.sqrt(r)).to(device=device, dtype=dtype)
+    return [None if t is None else t.requires_grad_(grad)
+            for t, grad in ((x, x_grad), (W, train_weight), (b, train_weight), (A, True), (B, True))]
 
 
-def check(backend, M, K, N, r, dtype, lead=(), bias=True, train_weight=False, noncontig=False, p=0.0,
-          scaling=0.5, scale_tol=1.0):
+def check(backend, M, K, N, r, dtype, p=0.0, *, scaling=0.5, lead=(), bias=True, train_weight=False,
+          noncontig=False, x_grad=True, scale_tol=1.0):
+    """fastpeft.lora_linear on ``backend`` vs the float64 oracle: the output and every gradient."""
     device = device_for(backend)
-    ts = make(M, K, N, r, dtype, device, lead, bias, train_weight, noncontig)
+    ts = make(M, K, N, r, dtype, device, lead=lead, bias=bias, train_weight=train_weight, noncontig=noncontig,
+              x_grad=x_grad)
     if noncontig:
         assert not ts[0].is_contiguous()
     torch.manual_seed(123)
     y = fastpeft.lora_linear(*ts, scaling, dropout_p=p, training=p > 0, backend=backend)
-    torch.manual_seed(123)
+    torch.manual_seed(123)  # the same seed the op drew
     seed = _dropout.new_seed(p > 0)
     ref_in = upcast(ts)
     y_ref = lora_linear_reference(*ref_in, scaling, p, seed)
-    assert y.dtype == dtype and y.shape == (*lead, M, N)
+    assert y.dtype == dtype and y.shape == (*lead, M, N) and y.device == ts[0].device
     assert_close(y, y_ref, dtype, "y", scale=scale_tol)
     dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     y.backward(dy.to(device=device, dtype=dtype))
@@ -57,6 +57,7 @@ def check(backend, M, K, N, r, dtype, lead=(), bias=True, train_weight=False, no
             assert t.grad is None, f"{name} should get no gradient"
             continue
         assert t.grad is not None, f"{name} got no gradient"
+        assert t.grad.shape == t.shape and t.grad.dtype == dtype
         assert_close(t.grad, t_ref.grad, dtype, f"d{name}", scale=scale_tol)
 
 

@@ -4,7 +4,7 @@ Runs through TRITON_INTERPRET=1 on CPU when there is no GPU (tests/conftest.py),
 small and dtypes are fp32 (tight) and fp16 (tolerance table): the interpreter's bf16 ``tl.dot``
 is unusable. On a GPU the same tests run on CUDA tensors.
 """
-import math
+import functools
 
 import pytest
 import torch
@@ -12,9 +12,10 @@ import torch
 import fastpeft
 from fastpeft import _dropout
 from fastpeft._backend import why_not
-from fastpeft.reference.lora import lora_bwd_reference, lora_linear_reference
+from fastpeft.reference.lora import lora_bwd_reference
 from fastpeft.testing import assert_close, upcast
 from tests.conftest import device_for
+from tests.ops import test_lora as lora_tests
 
 DEVICE = device_for("triton")
 _why = why_not("triton", "lora", torch.device(DEVICE))
@@ -24,50 +25,9 @@ NAMES = ["x", "weight", "bias", "lora_A", "lora_B"]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 
 
-def make(M, K, N, r, dtype, *, lead=(), bias=True, train_weight=False, noncontig=False, x_grad=True):
-    """LoRA inputs on DEVICE: x, A, B require grad; W, b only with ``train_weight``."""
-    g = torch.Generator().manual_seed(M * 7919 + K * 31 + N * 7 + r)
-    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    if noncontig:  # a strided view: every other column of a wider buffer
-        x = rnd(*lead, M, 2 * K).to(device=DEVICE, dtype=dtype)[..., ::2]
-    else:
-        x = rnd(*lead, M, K).to(device=DEVICE, dtype=dtype)
-    W = (rnd(N, K) / math.sqrt(K)).to(device=DEVICE, dtype=dtype)
-    b = rnd(N).to(device=DEVICE, dtype=dtype) if bias else None
-    A = (rnd(r, K) / math.sqrt(K)).to(device=DEVICE, dtype=dtype)
-    B = (rnd(N, r) / math.sqrt(r)).to(device=DEVICE, dtype=dtype)
-    out = []
-    for t, grad in ((x, x_grad), (W, train_weight), (b, train_weight), (A, True), (B, True)):
-        out.append(None if t is None else t.requires_grad_(grad))
-    return out
-
-
-def check(M, K, N, r, dtype, p=0.0, *, scaling=0.5, lead=(), bias=True, train_weight=False, noncontig=False,
-          x_grad=True):
-    ts = make(M, K, N, r, dtype, lead=lead, bias=bias, train_weight=train_weight, noncontig=noncontig,
-              x_grad=x_grad)
-    if noncontig:
-        assert not ts[0].is_contiguous()
-    torch.manual_seed(123)
-    y = fastpeft.lora_linear(*ts, scaling, dropout_p=p, training=p > 0, backend="triton")
-    torch.manual_seed(123)  # the same seed the op drew
-    seed = _dropout.new_seed(p > 0)
-    ref = upcast(ts)
-    y_ref = lora_linear_reference(*ref, scaling, p, seed)
-    assert y.dtype == dtype and y.shape == (*lead, M, N) and y.device == ts[0].device
-    assert_close(y, y_ref, dtype, "y")
-    dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    y.backward(dy.to(device=DEVICE, dtype=dtype))
-    y_ref.backward(dy.to(DEVICE))
-    for name, t, t_ref in zip(NAMES, ts, ref):
-        if t is None:
-            continue
-        if not t.requires_grad:
-            assert t.grad is None, f"{name} should get no gradient"
-            continue
-        assert t.grad is not None, f"{name} got no gradient"
-        assert t.grad.shape == t.shape and t.grad.dtype == dtype
-        assert_close(t.grad, t_ref.grad, dtype, f"d{name}")
+# one input builder and one output/gradient check for every backend (tests/ops/test_lora.py)
+make = functools.partial(lora_tests.make, device=DEVICE)
+check = functools.partial(lora_tests.check, "triton")
 
 
 # --- shapes, ranks, dtypes ------------------------------------------------------------------
