@@ -50,8 +50,7 @@ def backend_params(family=None):
 
 def device_for(backend: str) -> str:
     """Device a backend's tests run on: the C++ backend is CPU-only; triton uses CUDA if any."""
-    return "cpu" if backend in ("cpu", "reference") and not torch.cuda.is_available() or backend == "cpu" \
-        else TEST_DEVICE
+    return "cpu" if backend == "cpu" else TEST_DEVICE
 
 
 @pytest.fixture(autouse=True)
