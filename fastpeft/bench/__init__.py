@@ -17,6 +17,7 @@ every repetition (e.g. a forward pass, for mode ``bwd``).
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import statistics
 import subprocess
@@ -46,6 +47,13 @@ class Case:
     budget_s: float = 6.0       # stop repeating once past this (and min_reps)
     max_reps: int = 200
     extra: Dict[str, object] = field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn: Callable, dynamic: Optional[bool] = None) -> Callable:
+    """``torch.compile(fn)``, built once per (fn, dynamic) and shared by every case, so the
+    compilation happens in a case's untimed warm-up rather than once per provider."""
+    return torch.compile(fn, dynamic=dynamic)
 
 
 def autograd_preps(fns: Dict[str, Callable[[], torch.Tensor]], mode: str, grad_out: torch.Tensor,

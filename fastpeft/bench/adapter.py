@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastpeft.bench import Case, autograd_preps
+from fastpeft.bench import Case, autograd_preps, compiled
 
 ACT, SCALING, P = "gelu", 0.1, 0.0  # acceptance configuration: GELU, scaling 0.1, no dropout
 
@@ -41,17 +41,6 @@ def _eager(x, Wd, bd, Wu, bu, s: float):
     return x + s * F.linear(_act(F.linear(x, Wd, bd)), Wu, bu)
 
 
-_compiled: Optional[Callable] = None
-
-
-def _compiled_eager() -> Callable:
-    # One compiled function for every case; compilation happens in the untimed warm-up.
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_eager)
-    return _compiled
-
-
 def _providers(M: int, d: int, m: int, dtype: torch.dtype, device: torch.device, mode: str,
                tensors: Optional[dict] = None) -> Tuple[Dict[str, Callable], dict]:
     """Provider preps for one (shape, mode); ``tensors`` shares inputs between modes of a shape."""
@@ -65,7 +54,7 @@ def _providers(M: int, d: int, m: int, dtype: torch.dtype, device: torch.device,
                        bu=mk(d).requires_grad_(), dy=mk(M, d))
     t = tensors
     x, Wd, bd, Wu, bu, dy = t["x"], t["Wd"], t["bd"], t["Wu"], t["bu"], t["dy"]
-    comp = _compiled_eager()
+    comp = compiled(_eager)
     fns: Dict[str, Callable[[], torch.Tensor]] = {
         "copy": lambda: x.detach().clone(),
         "eager": lambda: _eager(x, Wd, bd, Wu, bu, SCALING),

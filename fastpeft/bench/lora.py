@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastpeft.bench import Case, autograd_preps
+from fastpeft.bench import Case, autograd_preps, compiled
 
 R, P, ALPHA = 16, 0.1, 32.0  # rank, dropout, lora_alpha (scaling = alpha / r = 2)
 
@@ -38,18 +38,6 @@ MODES = ("fwd", "bwd", "full")
 
 def _eager(x, W, b, A, B, s: float, p: float):
     return F.linear(x, W, b) + s * F.linear(F.linear(F.dropout(x, p, training=True), A), B)
-
-
-_compiled: Optional[Callable] = None
-
-
-def _compiled_eager() -> Callable:
-    # One compiled function for every case, dynamic in the shapes so it compiles once (~12 s
-    # on 2 cores) instead of once per shape; compilation happens in the untimed warm-up.
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_eager, dynamic=True)
-    return _compiled
 
 
 def _peft_layer(W: torch.Tensor, b: torch.Tensor, A: torch.Tensor, B: torch.Tensor, p: float):
@@ -100,7 +88,7 @@ def _providers(M: int, K: int, N: int, r: int, p: float, dtype: torch.dtype, dev
     if layer is not None:
         fns["peft"] = lambda: layer(x)
     if with_compile:
-        comp = _compiled_eager()
+        comp = compiled(_eager, dynamic=True)  # one compile for every shape (~12 s), in warm-up
         fns["compile"] = lambda: comp(x, W, b, A, B, s, p)
     fns["fastpeft"] = lambda: fastpeft.lora_linear(x, W, b, A, B, s, dropout_p=p, training=True)
 

@@ -18,12 +18,12 @@ CUDA bf16 ``B=8 H=32 L=S=2048 P=64 D=128`` causal, Bp = 1 and Bp = B.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 
-from fastpeft.bench import Case, autograd_preps
+from fastpeft.bench import Case, autograd_preps, compiled
 
 CPU_SHAPE = dict(B=16, H=12, L=197, S=197, P=50, D=64, causal=False)
 CUDA_SHAPE = dict(B=8, H=32, L=2048, S=2048, P=64, D=128, causal=True)
@@ -41,16 +41,6 @@ def cat_sdpa(q, k, v, prefix_k, prefix_v, is_causal: bool = False):
     if is_causal:  # prefix columns visible, main part causal (top-left)
         mask = torch.ones(L, P + S, dtype=torch.bool, device=q.device).tril(diagonal=P)
     return F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-
-
-_compiled: Optional[Callable] = None
-
-
-def _compiled_cat_sdpa() -> Callable:
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(cat_sdpa, dynamic=True)
-    return _compiled
 
 
 def _tensors(B, H, L, S, P, D, Bp, dtype, device):
@@ -71,7 +61,7 @@ def _providers(t: dict, causal: bool, mode: str, device: torch.device, with_comp
         fns["reference"] = lambda: fastpeft.prefix_attention(q, k, v, pk, pv, is_causal=causal,
                                                              backend="reference")
     if with_compile:
-        comp = _compiled_cat_sdpa()
+        comp = compiled(cat_sdpa, dynamic=True)
         fns["compile"] = lambda: comp(q, k, v, pk, pv, causal)
     fns["fastpeft"] = lambda: fastpeft.prefix_attention(q, k, v, pk, pv, is_causal=causal)
     return autograd_preps(fns, mode, dout, (q, k, v, pk, pv))
