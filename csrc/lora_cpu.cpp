@@ -10,10 +10,10 @@
 //
 //   forward   per block: xd = drop(x_blk) (hash regenerated, BR×K scratch), t_blk = xd·Aᵀ,
 //                        y_blk = b + s·t_blk·Bᵀ (replaces the bias broadcast the frozen
-//                        linear also writes);   then  y += x·Wᵀ  (multi-threaded BLAS).
+//                        linear also writes);   then  y += x·Wᵀ  (multi-threaded GEMM, gemm.h).
 //   backward  per block: dt_blk = s·dy_blk·B, dB_c += s·dy_blkᵀ·t_blk, keep mask (bytes) +
 //                        xd, dA_c += dt_blkᵀ·xd, dx_blk = (dt_blk·A) ⊙ keep/(1-p);
-//                        then  dx += dy·W  (multi-threaded BLAS).
+//                        then  dx += dy·W  (multi-threaded GEMM, gemm.h).
 //
 // So no M×N temporary, no separate add or scale pass, no M×K float mask or dropped copy of
 // x: the extra memory is t and dt (M×r), per-chunk dA/dB partials and BR-row scratch.
@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm.h"
 
 namespace {
 
@@ -45,11 +46,8 @@ using at::Tensor;
 
 // Rows per block: the x/dy block and its scratch should stay in L2 (~1 MiB per core).
 int64_t block_rows(int64_t width, int64_t elem) {
-  static const int64_t env = [] {
-    const char* s = std::getenv("FASTPEFT_LORA_BR");
-    return s ? std::atoll(s) : 0;
-  }();
-  if (env > 0) return env;
+  // FASTPEFT_LORA_BR overrides (read per call: tests use tiny blocks to cover tails).
+  if (const char* e = std::getenv("FASTPEFT_LORA_BR")) return std::max<int64_t>(1, std::atoll(e));
   const int64_t target = 256 * 1024;  // bytes of one BR×width block
   int64_t br = target / std::max<int64_t>(1, width * elem);
   return std::min<int64_t>(256, std::max<int64_t>(16, br));
@@ -126,6 +124,18 @@ void apply_keep(T* d, const uint8_t* keep, int64_t n, T scale) {
 // Split [0, nblk) into a fixed number of contiguous chunks (one per thread).
 int64_t num_chunks(int64_t nblk) {
   return std::max<int64_t>(1, std::min<int64_t>(nblk, at::get_num_threads()));
+}
+
+// Rows per outer block when the big GEMM runs per block (oneDNN path): >= 256 rows keep the
+// single-threaded GEMM at full speed, a multiple of the rank-pass block br, and at least one
+// block per thread. FASTPEFT_LORA_GB overrides (tests use tiny blocks to cover tails).
+int64_t gemm_rows(int64_t M, int64_t br) {
+  if (const char* e = std::getenv("FASTPEFT_LORA_GB")) return std::max<int64_t>(br, std::atoll(e));
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  int64_t gb = std::max<int64_t>(br, (256 + br - 1) / br * br);
+  const int64_t per_thread = (M + nth - 1) / nth;
+  if (per_thread < gb) gb = std::max<int64_t>(br, (per_thread + br - 1) / br * br);
+  return gb;
 }
 
 void check_2d(const char* name, const Tensor& t) {
@@ -311,9 +321,16 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
   const Tensor ATc = fast ? At.contiguous() : Tensor(), BTc = fast ? Bt.contiguous() : Tensor();
   const Tensor bc = has_bias ? bias->contiguous() : Tensor();
 
+  // With oneDNN, a single-threaded GEMM on a block of >= ~256 rows runs as fast as one
+  // multi-threaded call, so the frozen GEMM joins the parallel pass: y_blk += x_blk·Wᵀ right
+  // after y_blk = b + s·t_blk·Bᵀ was written (y_blk still in cache, x_blk just read). MKL's is
+  // not (measured slower per block), so on the ATen path the GEMM stays one call at the end.
+  const bool fused = M > 0 && fastpeft::onednn_gemm(x.scalar_type());
+  const Tensor Wt = weight.t();
   if (M > 0) {
     const int64_t br = block_rows(std::max(K, N), sizeof(T));
-    const int64_t nblk = (M + br - 1) / br;
+    const int64_t gb = fused ? gemm_rows(M, br) : br;  // rows per outer block
+    const int64_t nblk = (M + gb - 1) / gb;
     const int64_t nch = num_chunks(nblk);
     const T* xp = x.data_ptr<T>();
     const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
@@ -322,9 +339,11 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       Tensor xd = (drop || sx1 != 1) ? at::empty({br, K}, opts) : Tensor();
       for (int64_t c = c0; c < c1; ++c) {
-        for (int64_t b = nblk * c / nch; b < nblk * (c + 1) / nch; ++b) {
-          const int64_t i0 = b * br, rows = std::min(br, M - i0);
-          if (fast) {
+        for (int64_t ob = nblk * c / nch; ob < nblk * (c + 1) / nch; ++ob) {
+          const int64_t o0 = ob * gb, orows = std::min(gb, M - o0);
+          // t for the block's rows, br rows at a time (the dropped-out rows stay in L1/L2) ...
+          for (int64_t i0 = o0; i0 < o0 + orows; i0 += br) {
+            const int64_t rows = std::min(br, o0 + orows - i0);
             const T* X = xp + i0 * sx0;
             int64_t ldx = sx0;
             if (drop || sx1 != 1) {  // thr 0 keeps every element: a plain strided copy
@@ -333,31 +352,37 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
               X = xd.data_ptr<T>();
               ldx = K;
             }
-            T* tp = t.data_ptr<T>() + i0 * r;
-            FASTPEFT_NV_SWITCH(r / kV<T>, rowvec<T, NV>(rows, K, X, ldx, ATc.data_ptr<T>(), T(1), tp, r));
-            // y_blk = b + s·t_blk·Bᵀ: this write replaces the bias broadcast of a plain linear.
-            outer<T>(rows, N, r, tp, r, static_cast<T>(scaling), BTc.data_ptr<T>(), N,
-                     has_bias ? bc.data_ptr<T>() : nullptr, y.data_ptr<T>() + i0 * N, N);
-            continue;
+            if (fast) {
+              FASTPEFT_NV_SWITCH(r / kV<T>, rowvec<T, NV>(rows, K, X, ldx, ATc.data_ptr<T>(), T(1),
+                                                           t.data_ptr<T>() + i0 * r, r));
+            } else {
+              Tensor tb = t.narrow(0, i0, rows);
+              at::mm_out(tb, ldx == K && xd.defined() ? xd.narrow(0, 0, rows) : x.narrow(0, i0, rows), At);
+            }
           }
-          Tensor src;
-          if (drop) {
-            dropout_rows<T>(sd, thr, dscale, i0, rows, K, xp + i0 * sx0, sx0, sx1, xd.data_ptr<T>(), nullptr);
-            src = xd.narrow(0, 0, rows);
-          } else {
-            src = x.narrow(0, i0, rows);
+          // ... then y column tile by column tile: y_tile = b + s·t·Bᵀ (this write replaces the
+          // bias broadcast of a plain linear), and with oneDNN y_tile += x_blk·Wᵀ while the tile
+          // is still in cache.
+          const int64_t nc = fused ? std::min<int64_t>(N, 512) : N;
+          for (int64_t j0 = 0; j0 < N; j0 += nc) {
+            const int64_t cols = std::min(nc, N - j0);
+            if (fast) {
+              outer<T>(orows, cols, r, t.data_ptr<T>() + o0 * r, r, static_cast<T>(scaling), BTc.data_ptr<T>() + j0,
+                       N, has_bias ? bc.data_ptr<T>() + j0 : nullptr, y.data_ptr<T>() + o0 * N + j0, N);
+            } else {
+              Tensor yt = y.narrow(0, o0, orows).narrow(1, j0, cols), tb = t.narrow(0, o0, orows);
+              Tensor Bc = Bt.narrow(1, j0, cols);
+              if (has_bias) at::addmm_out(yt, bias->narrow(0, j0, cols), tb, Bc, 1.0, scaling);
+              else at::addmm_out(yt, yt, tb, Bc, 0.0, scaling);  // beta 0: yt's contents are ignored
+            }
+            if (fused) fastpeft::gemm(x.narrow(0, o0, orows), Wt.narrow(1, j0, cols),
+                                      y.narrow(0, o0, orows).narrow(1, j0, cols), 1.0);
           }
-          Tensor tb = t.narrow(0, i0, rows);
-          at::mm_out(tb, src, At);
-          Tensor yb = y.narrow(0, i0, rows);
-          // y_blk = b + s·t_blk·Bᵀ: this write replaces the bias broadcast of a plain linear.
-          if (has_bias) at::addmm_out(yb, *bias, tb, Bt, 1.0, scaling);
-          else at::addmm_out(yb, yb, tb, Bt, 0.0, scaling);  // beta 0: yb's contents are ignored
         }
       }
     });
   }
-  y.addmm_(x, weight.t());  // the frozen GEMM accumulates onto it in place (multi-threaded BLAS)
+  if (!fused) fastpeft::gemm(x, Wt, y, 1.0);  // the frozen GEMM accumulates in place (multi-threaded)
   return {y, t};
 }
 
@@ -458,10 +483,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     dA = nch == 1 ? dA_part[0] : dA_part.sum(0);
     if (fast) dA = dA.t().contiguous();
     dB = nch == 1 ? dB_part[0] : dB_part.sum(0);
-    if (need_x) dx.addmm_(dy, weight);  // dx += dy·W in place (multi-threaded BLAS)
+    if (need_x) fastpeft::gemm(dy, weight, dx, 1.0);  // dx += dy·W in place (multi-threaded)
   }
   if (need_x && M == 0) dx.zero_();
-  Tensor dW = need_weight ? at::mm(dy.t(), x) : at::empty({0}, opts);
+  Tensor dW = need_weight ? at::empty({N, K}, opts) : at::empty({0}, opts);
+  if (need_weight) fastpeft::gemm(dy.t(), x, dW);
   Tensor db = need_bias ? dy.sum(0) : at::empty({0}, opts);
   return {dx, dW, db, dA, dB};
 }

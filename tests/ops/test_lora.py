@@ -8,7 +8,7 @@ import fastpeft
 from fastpeft import _dropout
 from fastpeft.reference.lora import lora_linear_reference
 from fastpeft.testing import DTYPE_IDS, assert_close, upcast
-from tests.conftest import backend_params, device_for
+from tests.conftest import _cpp_ok, backend_params, device_for
 
 BACKENDS = backend_params("lora")
 NAMES = ["x", "weight", "bias", "lora_A", "lora_B"]
@@ -88,6 +88,21 @@ def test_half(backend, dtype):
 def test_large_rows(backend):
     check(backend, 1025, 129, 65, 16, torch.float32)
     check(backend, 1025, 129, 65, 64, torch.float32, p=0.1)
+
+
+# --- C++ blocking and GEMM paths ---------------------------------------------------------
+@pytest.mark.parametrize("gemm", ["onednn", "aten"])
+@pytest.mark.parametrize("r", [16, 7], ids=["r16-microkernel", "r7-blas"])
+def test_cpu_small_blocks(monkeypatch, gemm, r):
+    """Many row blocks and column tiles with ragged tails, on both GEMM paths (csrc/gemm.h)."""
+    if not _cpp_ok():
+        pytest.skip("C++ backend not built")
+    monkeypatch.setenv("FASTPEFT_LORA_BR", "16")
+    monkeypatch.setenv("FASTPEFT_LORA_GB", "48")
+    monkeypatch.setenv("FASTPEFT_CPU_GEMM", gemm)
+    check("cpu", 203, 129, 1100, r, torch.float32, p=0.2)
+    check("cpu", 97, 129, 65, r, torch.float32, noncontig=True, train_weight=True)
+    check("cpu", 97, 129, 65, r, torch.float64, p=0.1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
