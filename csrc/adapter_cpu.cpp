@@ -4,27 +4,21 @@
 //   y = R + scale ⊙ (drop(act(z))·Wuᵀ + bu)         (M, d), R = x or the given residual
 //
 // Row-blocked: blocks of BR rows (about 1.5 MiB of x) are handed out dynamically to the
-// threads (at::parallel_for + an atomic counter); GEMMs on a block are single-threaded calls.
+// threads (at::parallel_for + an atomic counter); GEMMs on a block are single-threaded calls
+// (gemm.h: oneDNN for fp32, written into slices of z / y / dx in place, ATen otherwise).
 // The scale is folded into the up weight once per call (Wus = diag(scale)·Wu, c = scale ⊙ bu).
-// * fp64 / no oneDNN (ATen GEMMs, written in place): each block of x stays in L2 through the
-//   down-projection, bias, activation, dropout, y_blk = R_blk + c and y_blk += h·Wusᵀ, so x and y
-//   are each streamed once. Backward likewise, dx_blk = dz·Wd (+ dy) written per block.
-// * fp32 with oneDNN (mkldnn::_linear_pointwise; its AVX-512 kernels run ~2x faster than the
-//   BLAS behind at::mm here): the blocked phase does the down-projection, bias, activation and
-//   dropout (h, and z which is returned); then ONE oneDNN call computes y = h·Wusᵀ + c + R with
-//   the residual add as a binary post-op and its output is y itself. The op cannot write into a
-//   slice, and per-block outputs copied into y cost fresh-page faults twice (measured ~3x the
-//   GEMM time on this VM), so this phase reads x a second time instead. Backward: the blocked
-//   phase recomputes act(z) and the mask, dh = dy·Wus, dz, the weight-gradient GEMMs into
-//   per-thread accumulators and colsum(dy); then one oneDNN call gives dx = dz·Wd + dy.
+// Forward, per block: z_blk = bd + x_blk·Wdᵀ, h = drop(act(z_blk)), y_blk = R_blk + c while
+// R_blk (usually x_blk, just read) is in cache, y_blk += h·Wusᵀ accumulated in place; so x and
+// y are each streamed once and the bottleneck never leaves the block's scratch.
+// Backward, per block: recompute h = act(z) and the mask, dh = dy·Wus, dz = dh ⊙ act'(z), the
+// weight-gradient GEMMs into per-thread accumulators (reduced at the end, in thread order),
+// colsum(dy), dx_blk = dy_blk (the residual's gradient) + dz·Wd accumulated in place.
 // Backward recomputes act(z) and the dropout mask from z (nothing else is saved).
 // fp32/fp64 compute natively; fp16/bf16 are upcast to fp32 and the results cast back.
-// Measured (2 threads, fp32, M=8192 d=768 m=64 GELU, python -m fastpeft bench --op adapter):
-// training step 21.1 ms vs eager 37.5 / torch.compile 36.1; see the report for the table.
+// Measured: `python -m fastpeft bench --op adapter` (README).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Context.h>
 #include <c10/util/Exception.h>
 
@@ -38,6 +32,7 @@
 #include <vector>
 
 #include "common.h"
+#include "gemm.h"
 
 namespace {
 
@@ -150,63 +145,6 @@ Tensor to_compute(const Tensor& t, at::ScalarType ct) {
 }
 
 
-// ---- GEMMs ------------------------------------------------------------------------------
-// fp32 GEMMs go through oneDNN (mkldnn::_linear_pointwise, when this torch has it): its JIT
-// AVX-512 kernels run about twice as fast as the BLAS path behind at::mm on AVX-512 CPUs.
-// Everything else (fp64, no oneDNN, or FASTPEFT_ADAPTER_NO_DNNL set: tests use it to cover
-// the fallback) uses ATen's mm/addmm.
-using LinFn = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, c10::string_view,
-                     c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
-
-using LinAddFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                        c10::string_view);
-
-struct Dnnl {
-  bool ok = false;
-  std::optional<c10::TypedOperatorHandle<LinFn>> lin;
-  std::optional<c10::TypedOperatorHandle<LinAddFn>> lin_add;
-};
-
-const Dnnl& dnnl();
-
-template <typename T>
-bool use_dnnl_for() {
-  return std::is_same<T, float>::value && dnnl().ok && !std::getenv("FASTPEFT_ADAPTER_NO_DNNL");
-}
-
-const Dnnl& dnnl() {
-  static const Dnnl d = [] {
-    Dnnl r;
-    if (!at::hasMKLDNN()) return r;
-    auto& disp = c10::Dispatcher::singleton();
-    auto h1 = disp.findSchema({"mkldnn::_linear_pointwise", ""});
-    auto h2 = disp.findSchema({"mkldnn::_linear_pointwise", "binary"});
-    if (!h1 || !h2) return r;
-    try {
-      r.lin.emplace(h1->typed<LinFn>());
-      r.lin_add.emplace(h2->typed<LinAddFn>());
-      r.ok = true;
-    } catch (const std::exception&) {
-      r.ok = false;
-    }
-    return r;
-  }();
-  return d;
-}
-
-// X (n, k) · W (o, k)ᵀ + B (o,) -> new (n, o)
-Tensor linear(const Tensor& X, const Tensor& W, const c10::optional<Tensor>& B, bool use_dnnl) {
-  if (use_dnnl) return dnnl().lin->call(X, W, B, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
-  if (B.has_value() && B->defined()) return at::addmm(*B, X, W.t());
-  return at::mm(X, W.t());
-}
-
-
-// X (n, k) · W (o, k)ᵀ + other (n, o) -> new (n, o), oneDNN only (binary add post-op).
-Tensor linear_add(const Tensor& X, const Tensor& other, const Tensor& W, const c10::optional<Tensor>& B) {
-  return dnnl().lin_add->call(X, other, W, B, "add");
-}
-
 // ----------------------------------------------------------------------------------------
 template <typename T>
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10::optional<Tensor>& bd,
@@ -214,28 +152,24 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
                                     const c10::optional<Tensor>& residual, Act act, const Dropout& dp) {
   const int64_t M = x.size(0), d = x.size(1), m = Wd.size(0);
   auto opts = x.options();
-  const bool use_dnnl = use_dnnl_for<T>();
   Tensor z = at::empty({M, m}, opts);
-  if (M == 0) return {at::empty({M, d}, opts), z};
-  // oneDNN path: phase 1 (blocked) writes h for all rows, phase 2 is one up-projection call
-  // whose binary add post-op fuses c + R and whose output is y itself (the dispatcher op cannot
-  // write into a slice, and per-block outputs copied into y cost fresh-page faults twice).
-  Tensor y = use_dnnl ? Tensor() : at::empty({M, d}, opts);
-  Tensor H = use_dnnl ? at::empty({M, m}, opts) : Tensor();
+  Tensor y = at::empty({M, d}, opts);
+  if (M == 0) return {y, z};
   // Fold the scale into the up-projection: Wus = diag(scale)·Wu (d, m), c = scale ⊙ bu.
   Tensor Wus = (Wu * scale.unsqueeze(1)).contiguous();
   Tensor WusT = Wus.t();                     // (m, d) view for h·Wusᵀ
   Tensor c = bu.has_value() && bu->defined() ? (scale * *bu).contiguous() : at::zeros({d}, opts);
   Tensor WdT = Wd.t();                       // (d, m) view
   const bool has_bd = bd.has_value() && bd->defined();
+  const T* bdp = has_bd ? bd->data_ptr<T>() : nullptr;
   const Tensor R = residual.has_value() && residual->defined() ? *residual : x;
   const T* Rp = R.data_ptr<T>();
   const T* cp = c.data_ptr<T>();
-  T* yp = use_dnnl ? nullptr : y.data_ptr<T>();
-  const int64_t BR = block_rows(M, d, sizeof(T), std::max(1, at::get_num_threads()));
-  const int64_t nblk = (M + BR - 1) / BR;
-
+  T* yp = y.data_ptr<T>();
+  T* zp = z.data_ptr<T>();
   const int nth = std::max(1, at::get_num_threads());
+  const int64_t BR = block_rows(M, d, sizeof(T), nth);
+  const int64_t nblk = (M + BR - 1) / BR;
   // Per-thread scratch: the bottleneck activation h and the dropout multipliers of one block.
   std::vector<Tensor> h_t(nth), mult_t(nth);
   for (int i = 0; i < nth; ++i) {
@@ -243,37 +177,29 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
     if (dp.on) mult_t[i] = at::empty({BR, m}, opts);
   }
   for_blocks(nblk, nth, [&](int tid, int64_t b) {
-    Tensor& h = h_t[tid];
-    Tensor& mult = mult_t[tid];
-    {
-      const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
-      Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr);
-      Tensor hb = use_dnnl ? H.narrow(0, r0, nr) : h.narrow(0, 0, nr);
-      if (use_dnnl) {
-        Tensor zn = linear(xb, Wd, bd, true);
-        zb.copy_(zn);
-        act_fwd(act, hb, zn);
-      } else {
-        if (has_bd) at::addmm_out(zb, *bd, xb, WdT); else at::mm_out(zb, xb, WdT);
-        act_fwd(act, hb, zb);
-      }
-      if (dp.on) {
-        dropout_mult<T>(dp, mult.data_ptr<T>(), r0, nr, m);
-        mul_inplace<T>(hb.data_ptr<T>(), mult.data_ptr<T>(), nr * m);
-      }
-      if (use_dnnl) return;
-      // y_blk = R_blk + c while R_blk (often x_blk, just read) is still in cache ...
-      for (int64_t i = 0; i < nr; ++i) {
-        const T* rr = Rp + (r0 + i) * d;
-        T* yr = yp + (r0 + i) * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) yr[j] = rr[j] + cp[j];
-      }
-      // ... then y_blk += h·Wusᵀ accumulates in place.
-      y.narrow(0, r0, nr).addmm_(hb, WusT);
+    const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
+    Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), hb = h_t[tid].narrow(0, 0, nr);
+    // z_blk = bd + x_blk·Wdᵀ (bias rows written first, the GEMM accumulates onto them).
+    if (has_bd) {
+      for (int64_t i = 0; i < nr; ++i) std::copy(bdp, bdp + m, zp + (r0 + i) * m);
     }
+    fastpeft::gemm(xb, WdT, zb, has_bd ? 1.0 : 0.0);
+    act_fwd(act, hb, zb);
+    if (dp.on) {
+      T* mp = mult_t[tid].data_ptr<T>();
+      dropout_mult<T>(dp, mp, r0, nr, m);
+      mul_inplace<T>(hb.data_ptr<T>(), mp, nr * m);
+    }
+    // y_blk = R_blk + c while R_blk (often x_blk, just read) is still in cache ...
+    for (int64_t i = 0; i < nr; ++i) {
+      const T* rr = Rp + (r0 + i) * d;
+      T* yr = yp + (r0 + i) * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) yr[j] = rr[j] + cp[j];
+    }
+    // ... then y_blk += h·Wusᵀ accumulates in place.
+    fastpeft::gemm(hb, WusT, y.narrow(0, r0, nr), 1.0);
   });
-  if (use_dnnl) y = linear_add(H, R, Wus, c);       // y = H·Wusᵀ + c + R
   return {y, z};
 }
 
@@ -284,14 +210,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     bool need_scale) {
   const int64_t M = x.size(0), d = x.size(1), m = Wd.size(0);
   auto opts = x.options();
-  const bool use_dnnl = use_dnnl_for<T>();
-  // oneDNN path: dx = dz·Wd (+ dy) is one call after the blocked phase (its output is dx
-  // itself, see fwd_impl), so dz is kept for all rows (M, m).
-  Tensor dx = (need_x && !use_dnnl) ? at::empty({M, d}, opts) : at::empty({0}, opts);
-  Tensor DZ = (need_x && use_dnnl) ? at::empty({M, m}, opts) : Tensor();
+  Tensor dx = need_x ? at::empty({M, d}, opts) : at::empty({0}, opts);
   Tensor Wus = (Wu * scale.unsqueeze(1)).contiguous();   // (d, m): dh = dy·Wus
-  Tensor WusT = Wus.t().contiguous();                    // (m, d): dh = linear(dy, WusT)
-  Tensor WdT = Wd.t().contiguous();                      // (d, m): dz·Wd = linear(dz, WdT)
   const int nth = std::max(1, at::get_num_threads());
   const int64_t BR = block_rows(M, d, sizeof(T), nth);
   const int64_t nblk = M == 0 ? 0 : (M + BR - 1) / BR;
@@ -308,68 +228,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   }
   for_blocks(nblk, nth, [&](int tid, int64_t b) {
     used[tid] = 1;
-    Tensor GT = GT_t[tid], dWd = dWd_t[tid];
     T* sp = s_t[tid].data_ptr<T>();
     T* dbdp = dbd_t[tid].data_ptr<T>();
-    Tensor &h = h_t[tid], &dh = dh_t[tid], &dz = dz_t[tid], &mult = mult_t[tid];
-    {
-      const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
-      Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), dyb = dy.narrow(0, r0, nr);
-      Tensor hb = h.narrow(0, 0, nr), dhb = dh.narrow(0, 0, nr);
-      Tensor dzb = DZ.defined() ? DZ.narrow(0, r0, nr) : dz.narrow(0, 0, nr);
-      act_fwd(act, hb, zb);                                   // recompute h = act(z)
-      if (use_dnnl) dhb.copy_(linear(dyb, WusT, c10::nullopt, true));
-      else at::mm_out(dhb, dyb, Wus);                         // dh = dy·Wus   (nr, m)
-      if (dp.on) {
-        T* mp = mult.data_ptr<T>();
-        dropout_mult<T>(dp, mp, r0, nr, m);
-        mul_inplace<T>(hb.data_ptr<T>(), mp, nr * m);
-        mul_inplace<T>(dhb.data_ptr<T>(), mp, nr * m);
-      }
-      act_bwd(act, dzb, dhb, zb);                             // dz = dh ⊙ act'(z)
-      if (use_dnnl) {
-        // Weight gradients as (m, d) outputs: Gᵀ += hᵀ·dy, dWd += dzᵀ·x. dy/x enter as
-        // column-major weights (views), the small (m, nr) operands are transposed copies.
-        GT.add_(linear(hb.t().contiguous(), dyb.t(), c10::nullopt, true));
-        dWd.add_(linear(dzb.t().contiguous(), xb.t(), c10::nullopt, true));
-      } else {
-        GT.addmm_(hb.t(), dyb);
-        dWd.addmm_(dzb.t(), xb);
-      }
-      const T* dzp = dzb.data_ptr<T>();
-      for (int64_t i = 0; i < nr; ++i) {
-        const T* zr = dzp + i * m;
-#pragma omp simd
-        for (int64_t j = 0; j < m; ++j) dbdp[j] += zr[j];
-      }
-      Tensor dxn;  // dz·Wd (nr, d) when x needs a gradient (ATen path)
-      const bool blk_dx = need_x && !use_dnnl;
-      if (blk_dx) dxn = at::mm(dzb, Wd);
-      // One pass over the dy block: colsum(dy) and (ATen path) dx = dz·Wd (+ dy).
-      const T* dxnp = blk_dx ? dxn.data_ptr<T>() : nullptr;
-      T* dxp = blk_dx ? dx.data_ptr<T>() : nullptr;
-      for (int64_t i = 0; i < nr; ++i) {
-        const T* dr = dyp + (r0 + i) * d;
-#pragma omp simd
-        for (int64_t j = 0; j < d; ++j) sp[j] += dr[j];
-        if (blk_dx) {
-          const T* nr_ = dxnp + i * d;
-          T* xr = dxp + (r0 + i) * d;
-          if (residual_is_x) {
-#pragma omp simd
-            for (int64_t j = 0; j < d; ++j) xr[j] = nr_[j] + dr[j];
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < d; ++j) xr[j] = nr_[j];
-          }
-        }
-      }
+    const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
+    Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), dyb = dy.narrow(0, r0, nr);
+    Tensor hb = h_t[tid].narrow(0, 0, nr), dhb = dh_t[tid].narrow(0, 0, nr), dzb = dz_t[tid].narrow(0, 0, nr);
+    act_fwd(act, hb, zb);                                   // recompute h = act(z)
+    fastpeft::gemm(dyb, Wus, dhb);                          // dh = dy·Wus   (nr, m)
+    if (dp.on) {
+      T* mp = mult_t[tid].data_ptr<T>();
+      dropout_mult<T>(dp, mp, r0, nr, m);
+      mul_inplace<T>(hb.data_ptr<T>(), mp, nr * m);
+      mul_inplace<T>(dhb.data_ptr<T>(), mp, nr * m);
     }
+    act_bwd(act, dzb, dhb, zb);                             // dz = dh ⊙ act'(z)
+    fastpeft::gemm(hb.t(), dyb, GT_t[tid], 1.0);            // Gᵀ += hᵀ·dy    (m, d)
+    fastpeft::gemm(dzb.t(), xb, dWd_t[tid], 1.0);           // dWd += dzᵀ·x   (m, d)
+    const T* dzp = dzb.data_ptr<T>();
+    for (int64_t i = 0; i < nr; ++i) {
+      const T* zr = dzp + i * m;
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) dbdp[j] += zr[j];
+    }
+    // One pass over the dy block: colsum(dy), and dx_blk = dy_blk (sequential adapter: the
+    // residual's gradient) that the GEMM below accumulates onto while it is in cache.
+    T* dxp = need_x ? dx.data_ptr<T>() : nullptr;
+    const bool copy_dy = need_x && residual_is_x;
+    for (int64_t i = 0; i < nr; ++i) {
+      const T* dr = dyp + (r0 + i) * d;
+#pragma omp simd
+      for (int64_t j = 0; j < d; ++j) sp[j] += dr[j];
+      if (copy_dy) std::copy(dr, dr + d, dxp + (r0 + i) * d);
+    }
+    if (need_x) fastpeft::gemm(dzb, Wd, dx.narrow(0, r0, nr), copy_dy ? 1.0 : 0.0);  // dx_blk (+)= dz·Wd
   });
-  if (need_x && use_dnnl) {
-    dx = residual_is_x ? linear_add(DZ, dy, WdT, c10::nullopt)    // dx = dz·Wd + dy
-                       : linear(DZ, WdT, c10::nullopt, true);
-  }
   // Reduce the accumulators of the threads that ran.
   std::vector<int64_t> ids;
   for (int i = 0; i < nth; ++i) if (used[i]) ids.push_back(i);

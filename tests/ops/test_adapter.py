@@ -141,7 +141,7 @@ def test_cpu_small_blocks(monkeypatch, dtype, no_dnnl):
         pytest.skip("C++ backend not built")
     monkeypatch.setenv("FASTPEFT_ADAPTER_BR", "16")
     if no_dnnl:
-        monkeypatch.setenv("FASTPEFT_ADAPTER_NO_DNNL", "1")
+        monkeypatch.setenv("FASTPEFT_CPU_GEMM", "aten")
     check("cpu", 97, 129, 8, dtype, activation="gelu_tanh", scale="vector", p=0.2)
     check("cpu", 97, 64, 16, dtype, activation="silu", scale="scalar", residual=True)
 
