@@ -15,6 +15,29 @@ BENCH_OPS = {
 }
 
 
+#: Environment the CPU benchmark runs under unless ``--allocator default``: torch's CPU allocator
+#: gives tensors of 2 MiB and more their own 2 MiB-aligned, MADV_HUGEPAGE-advised memory. With
+#: glibc's default heap, whether a provider's output lands on recycled pages or on fresh ones
+#: (a page fault per 4 KiB, plus TLB misses) depends on what the provider before it freed: on
+#: this 2-core VM that swings one forward call by 2x (6 vs 12 ms) from repetition to
+#: repetition, for every provider. Every provider runs under the same setting.
+THP_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
+def _allocator_reexec(args, argv) -> None:
+    """Re-run this command with :data:`THP_ENV` set (torch reads it once, at its first
+    allocation, so it must be in the environment before torch is imported)."""
+    if args.allocator != "thp" or torch_device_type(args.device) != "cpu":
+        return
+    if all(os.environ.get(k) == v for k, v in THP_ENV.items()):
+        return
+    os.execve(sys.executable, [sys.executable, "-m", "fastpeft", *argv], {**os.environ, **THP_ENV})
+
+
+def torch_device_type(device: str) -> str:
+    return device.split(":")[0]
+
+
 def _bench(args) -> int:
     import torch
 
@@ -46,7 +69,12 @@ def _bench(args) -> int:
             c.budget_s *= args.budget_scale
         rows = bench.run_cases(cases, csv_path=args.csv, memory=not args.no_memory)
         all_rows += rows
-        title = f"### `--op {op}` on {bench.device_name(device)}, {str(dtype)[6:]}, commit {bench.commit()}"
+        alloc = ""
+        if device.type == "cpu":
+            thp = all(os.environ.get(k) == v for k, v in THP_ENV.items())
+            alloc = ", THP_MEM_ALLOC_ENABLE=1" if thp else ", default allocator"
+        title = (f"### `--op {op}` on {bench.device_name(device)}, {str(dtype)[6:]}{alloc}, "
+                 f"commit {bench.commit()}")
         md += [title, "", bench.format_table(rows), ""]
         print()
         print(title)
@@ -65,7 +93,9 @@ def _bench(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, allow_reexec: bool = False) -> int:
+    """CLI entry. ``allow_reexec`` (only from ``python -m fastpeft``) lets ``bench`` re-run itself
+    with the allocator environment it needs; called in-process it never replaces the caller."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["demo"]:  # the demo owns its own flags
         from fastpeft import demo
@@ -86,6 +116,10 @@ def main(argv=None) -> int:
     b.add_argument("--plot", default="bench_out/ratio.png", help="plot path ('' for none)")
     b.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     b.add_argument("--markdown", default="bench_out/tables.md", help="markdown tables file ('' for none)")
+    b.add_argument("--allocator", choices=["thp", "default"], default="thp",
+                   help="CPU: 'thp' (default) re-runs the command with THP_MEM_ALLOC_ENABLE=1 so every "
+                        "provider's large outputs get fresh huge-page-advised memory instead of whatever "
+                        "the heap recycled (see THP_ENV in fastpeft/__main__.py); 'default' keeps glibc's heap")
     sub.add_parser("demo", help="fine-tune a tiny ViT on real digits with every method (see demo --help)")
     args = p.parse_args(argv)
     if args.cmd == "info":
@@ -94,9 +128,11 @@ def main(argv=None) -> int:
         print(info())
         return 0
     if args.cmd == "bench":
+        if allow_reexec:
+            _allocator_reexec(args, argv)
         return _bench(args)
     return 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(allow_reexec=True))

@@ -3,6 +3,7 @@ import csv
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fastpeft import bench
@@ -50,3 +51,21 @@ def test_bench_cli_quick(tmp_path):
     with open(tmp_path / "b.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["provider"] for r in rows} >= {"frozen", "eager", "fastpeft"}
+    assert "THP_MEM_ALLOC_ENABLE=1" in out.stdout  # re-ran itself under the bench's allocator setting
+
+
+@pytest.mark.skipif(not bench.onednn_ok("cpu", torch.float32), reason="torch without oneDNN")
+def test_onednn_linear_floor_matches_f_linear():
+    """The frozen_onednn / eager_onednn providers compute the same values and gradients as F.linear."""
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(*s, generator=g, requires_grad=True) for s in ((37, 29), (13, 29), (13,))]
+    dy = torch.randn(37, 13, generator=g)
+    y = bench.onednn_linear(*ts)
+    y.backward(dy)
+    got = [t.grad.clone() for t in ts]
+    ref = [t.detach().clone().requires_grad_() for t in ts]
+    y_ref = torch.nn.functional.linear(*ref)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref)
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a, r.grad)

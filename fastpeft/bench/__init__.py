@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import gc
 import os
 import statistics
 import subprocess
@@ -88,6 +89,37 @@ def autograd_preps(fns: Dict[str, Callable[[], torch.Tensor]], mode: str, grad_o
     return {name: prep_for(name, fn) for name, fn in fns.items()}
 
 
+class _OneDNNLinear(torch.autograd.Function):
+    """``F.linear`` computed by oneDNN (``torch.ops.mkldnn._linear_pointwise``) in forward and
+    backward: the frozen-layer floor on the GEMM library fastpeft's C++ backend uses for fp32,
+    where ``F.linear`` itself goes to MKL. x (M, K), W (N, K), b (N,) or None."""
+
+    @staticmethod
+    def forward(ctx, x, W, b):
+        ctx.save_for_backward(x, W)
+        ctx.has_b = b is not None
+        return torch.ops.mkldnn._linear_pointwise(x, W, b, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, W = ctx.saved_tensors
+        lin = torch.ops.mkldnn._linear_pointwise
+        dx = lin(dy, W.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None
+        dW = lin(dy.t(), x.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None
+        db = dy.sum(0) if ctx.has_b and ctx.needs_input_grad[2] else None
+        return dx, dW, db
+
+
+def onednn_linear(x: torch.Tensor, W: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    return _OneDNNLinear.apply(x, W, b)
+
+
+def onednn_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`onednn_linear` runs here (fp32 CPU tensors and a torch built with oneDNN)."""
+    return (torch.device(device).type == "cpu" and dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 def commit() -> str:
     try:
         here = os.path.dirname(os.path.abspath(__file__))
@@ -154,6 +186,13 @@ def _time_once(run: Callable[[], object], device: torch.device) -> float:
 
 
 def measure(case: Case, warmup: int = 2) -> Dict[str, List[float]]:
+    """Interleaved repetitions of every provider; returns each provider's times in ms.
+
+    Python's cyclic garbage collector is off while timing (as ``timeit`` does) and runs untimed
+    between rounds: otherwise a collection of the whole process heap (large once torch.compile,
+    peft and transformers are imported) lands inside whichever call happens to allocate the
+    triggering object, adding milliseconds to random providers.
+    """
     names = list(case.providers)
     for _ in range(warmup):
         for n in names:
@@ -161,15 +200,23 @@ def measure(case: Case, warmup: int = 2) -> Dict[str, List[float]]:
             r()
     _sync(case.device)
     times: Dict[str, List[float]] = {n: [] for n in names}
-    start = time.perf_counter()
-    rep = 0
-    while rep < case.max_reps and (rep < case.min_reps or time.perf_counter() - start < case.budget_s):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        for n in order:
-            run = case.providers[n]()
-            _sync(case.device)
-            times[n].append(_time_once(run, case.device))
-        rep += 1
+    gc_on = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        rep = 0
+        while rep < case.max_reps and (rep < case.min_reps or time.perf_counter() - start < case.budget_s):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for n in order:
+                run = case.providers[n]()
+                _sync(case.device)
+                times[n].append(_time_once(run, case.device))
+            gc.collect(1)  # untimed: the young generations, where the per-call garbage is
+            rep += 1
+    finally:
+        if gc_on:
+            gc.enable()
     return times
 
 

@@ -7,6 +7,9 @@ weights; x and every adapter parameter require grad, as mid-network in fine-tuni
   memory traffic).
 * ``eager``    - the plain-PyTorch adapter as a user writes it:
   ``x + s * F.linear(act(F.linear(x, Wd, bd)), Wu, bu)``.
+* ``eager_onednn`` - the same eager adapter with both linears done by oneDNN (CPU fp32 only):
+  fastpeft's C++ backend calls oneDNN for its GEMMs (csrc/gemm.h) where ``F.linear`` goes to
+  MKL, so this row separates what the GEMM library buys from what fusion buys.
 * ``compile``  - ``torch.compile`` of the eager function (compiled during the untimed warm-up).
 * ``fastpeft`` - ``fastpeft.adapter(..., training=True)`` on the automatic backend.
 
@@ -21,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fastpeft.bench import Case, autograd_preps, compiled
+from fastpeft.bench import Case, autograd_preps, compiled, onednn_linear, onednn_ok
 
 ACT, SCALING, P = "gelu", 0.1, 0.0  # acceptance configuration: GELU, scaling 0.1, no dropout
 
@@ -58,9 +61,11 @@ def _providers(M: int, d: int, m: int, dtype: torch.dtype, device: torch.device,
     fns: Dict[str, Callable[[], torch.Tensor]] = {
         "copy": lambda: x.detach().clone(),
         "eager": lambda: _eager(x, Wd, bd, Wu, bu, SCALING),
-        "compile": lambda: comp(x, Wd, bd, Wu, bu, SCALING),
-        "fastpeft": lambda: fastpeft.adapter(x, Wd, bd, Wu, bu, ACT, SCALING, dropout_p=P, training=True),
     }
+    if onednn_ok(device, dtype):
+        fns["eager_onednn"] = lambda: x + SCALING * onednn_linear(_act(onednn_linear(x, Wd, bd)), Wu, bu)
+    fns["compile"] = lambda: comp(x, Wd, bd, Wu, bu, SCALING)
+    fns["fastpeft"] = lambda: fastpeft.adapter(x, Wd, bd, Wu, bu, ACT, SCALING, dropout_p=P, training=True)
     return autograd_preps(fns, mode, dy, [x, Wd, bd, Wu, bu], no_grad=("copy",)), tensors
 
 

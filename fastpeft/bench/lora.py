@@ -3,6 +3,10 @@
 Providers (one LoRA training step on the same x, W, b, A, B; W and b frozen, x requires grad):
 
 * ``frozen``   - ``F.linear(x, W, b)``: the floor, what the layer costs without LoRA.
+* ``frozen_onednn`` - the same frozen linear with its GEMMs done by oneDNN (CPU fp32 only). On
+  this project's AVX-512 CPU, ``F.linear`` goes to MKL's sgemm while fastpeft's C++ backend
+  calls oneDNN (csrc/gemm.h), about 2x faster; this row is the floor on the same GEMM library,
+  so fastpeft / frozen_onednn is LoRA's own overhead.
 * ``eager``    - plain-PyTorch LoRA as a user writes it:
   ``F.linear(x, W, b) + s·F.linear(F.linear(F.dropout(x, p), A), B)``.
 * ``peft``     - HF PEFT's ``peft.tuners.lora.Linear`` wrapping the same ``nn.Linear`` with the
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastpeft.bench import Case, autograd_preps, compiled
+from fastpeft.bench import Case, autograd_preps, compiled, onednn_linear, onednn_ok
 
 R, P, ALPHA = 16, 0.1, 32.0  # rank, dropout, lora_alpha (scaling = alpha / r = 2)
 
@@ -83,8 +87,10 @@ def _providers(M: int, K: int, N: int, r: int, p: float, dtype: torch.dtype, dev
 
     fns: Dict[str, Callable[[], torch.Tensor]] = {
         "frozen": lambda: F.linear(x, W, b),
-        "eager": lambda: _eager(x, W, b, A, B, s, p),
     }
+    if onednn_ok(device, dtype):
+        fns["frozen_onednn"] = lambda: onednn_linear(x, W, b)
+    fns["eager"] = lambda: _eager(x, W, b, A, B, s, p)
     if layer is not None:
         fns["peft"] = lambda: layer(x)
     if with_compile:
