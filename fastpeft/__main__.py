@@ -75,7 +75,7 @@ def _bench(args) -> int:
             alloc = ", THP_MEM_ALLOC_ENABLE=1" if thp else ", default allocator"
         title = (f"### `--op {op}` on {bench.device_name(device)}, {str(dtype)[6:]}{alloc}, "
                  f"commit {bench.commit()}")
-        md += [title, "", bench.format_table(rows), ""]
+        md += [title, "", bench.format_table(rows), ""] + [f"{n}\n" for n in getattr(mod, "NOTES", [])]
         print()
         print(title)
         print(bench.format_table(rows), flush=True)

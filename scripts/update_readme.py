@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Paste generated tables into README.md between its markers, so its figures come from runs.
 
-    python scripts/update_readme.py BENCH-TABLES bench_out/tables.md
+    python scripts/update_readme.py BENCH-TABLES bench_out/acceptance.md bench_out/tables.md
     python scripts/update_readme.py DEMO-TABLE bench_out/demo.md
+
+Several files are pasted one after the other.
 """
 import os
 import re
@@ -11,12 +13,15 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main(marker: str, path: str) -> int:
+def main(marker: str, *paths: str) -> int:
     readme = os.path.join(ROOT, "README.md")
     with open(readme) as f:
         text = f.read()
-    with open(path) as f:
-        body = f.read().strip()
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(f.read().strip())
+    body = "\n\n".join(parts)
     pat = re.compile(rf"(<!-- {marker}:BEGIN -->\n).*?(<!-- {marker}:END -->)", re.S)
     if not pat.search(text):
         print(f"README.md has no <!-- {marker}:BEGIN/END --> markers", file=sys.stderr)
@@ -24,9 +29,9 @@ def main(marker: str, path: str) -> int:
     text = pat.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
     with open(readme, "w") as f:
         f.write(text)
-    print(f"README.md: {marker} updated from {path}")
+    print(f"README.md: {marker} updated from {', '.join(paths)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:3]))
+    sys.exit(main(*sys.argv[1:]))

@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""The issues' CPU acceptance figures, computed from a `python -m fastpeft bench` CSV.
+
+    python scripts/acceptance.py bench_out/results.csv > bench_out/acceptance.md
+
+Uses the newest row of each (op, provider, mode, shape) in the file, so a CSV that several runs
+appended to gives the latest run's figures. Prints a markdown table (figure, target, measured).
+"""
+import csv
+import sys
+from typing import Dict, Optional, Tuple
+
+Key = Tuple[str, str, str, str]  # op, provider, mode, shape
+
+
+def load(path: str) -> Dict[Key, dict]:
+    rows: Dict[Key, dict] = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            rows[(r["op"], r["provider"], r["mode"], r["shape"])] = r
+    return rows
+
+
+def main(path: str) -> int:
+    rows = load(path)
+
+    def get(op: str, prov: str, mode: str, shape_prefix: str) -> Optional[dict]:
+        for (o, p, m, s), r in rows.items():
+            if o == op and p == prov and m == mode and s.startswith(shape_prefix):
+                return r
+        return None
+
+    def ms(op, prov, mode, shape):
+        r = get(op, prov, mode, shape)
+        return float(r["p50_ms"]) if r else None
+
+    def mb(op, prov, mode, shape):
+        r = get(op, prov, mode, shape)
+        return float(r["peak_mb"]) if r else None
+
+    def ratio(a, b, fmt="{:.2f}×"):
+        return fmt.format(a / b) if a and b else "n/a"
+
+    lines = ["| figure | target | measured |", "|---|---|---|"]
+    lora = ["M=4096 K=768 N=768 ", "M=4096 K=768 N=3072 ", "M=512 K=4096 N=4096 "]
+    lines.append("| LoRA step vs frozen `nn.Linear` (MKL), (4096,768,768) / (4096,768,3072) / (512,4096,4096) "
+                 "| ≤ 1.10× | " + " / ".join(ratio(ms("lora", "fastpeft", "full", s), ms("lora", "frozen", "full", s))
+                                           for s in lora) + " |")
+    lines.append("| LoRA step vs the frozen linear on oneDNN (same GEMM library as fastpeft), same shapes "
+                 "| (LoRA's own overhead) | " + " / ".join(
+                     ratio(ms("lora", "fastpeft", "full", s), ms("lora", "frozen_onednn", "full", s)) for s in lora)
+                 + " |")
+    lines.append("| LoRA step, HF PEFT time / fastpeft time, first two shapes | ≥ 1.35× | " + " / ".join(
+        ratio(ms("lora", "peft", "full", s), ms("lora", "fastpeft", "full", s)) for s in lora[:2]) + " |")
+    mem = []
+    for s in lora[:2]:
+        f, z, p = (mb("lora", q, "full", s) for q in ("fastpeft", "frozen", "peft"))
+        mem.append(f"{f:.1f} vs {z:.1f} MB (PEFT {p:.1f})" if None not in (f, z, p) else "n/a")
+    lines.append("| LoRA step peak memory, fastpeft vs frozen (PEFT), first two shapes | frozen + O(M·r) | "
+                 + "; ".join(mem) + " |")
+    a = "M=8192 d=768 m=64"
+    fp_full, fp_fwd = ms("adapter", "fastpeft", "full", a), ms("adapter", "fastpeft", "fwd", a)
+    lines.append("| adapter step, eager / torch.compile time over fastpeft's | ≥ 1.6× / ≥ 1.4× | "
+                 f"{ratio(ms('adapter', 'eager', 'full', a), fp_full)} / "
+                 f"{ratio(ms('adapter', 'compile', 'full', a), fp_full)} |")
+    lines.append(f"| adapter forward, eager time over fastpeft's | ≥ 1.8× | "
+                 f"{ratio(ms('adapter', 'eager', 'fwd', a), fp_fwd)} |")
+    lines.append("| adapter step / forward, eager-on-oneDNN time over fastpeft's | (what fusion buys) | "
+                 f"{ratio(ms('adapter', 'eager_onednn', 'full', a), fp_full)} / "
+                 f"{ratio(ms('adapter', 'eager_onednn', 'fwd', a), fp_fwd)} |")
+    pre = []
+    for bp in ("Bp=1", "Bp=16"):
+        shape = next((s for (o, _p, _m, s) in rows if o == "prefix" and f" {bp} " in f" {s} "), None)
+        if shape is None:
+            pre.append("n/a")
+            continue
+        f, c = ms("prefix", "fastpeft", "full", shape), ms("prefix", "cat_sdpa", "full", shape)
+        fm, cm = mb("prefix", "fastpeft", "full", shape), mb("prefix", "cat_sdpa", "full", shape)
+        pre.append(f"{bp}: {ratio(f, c)}, {fm:.1f} vs {cm:.1f} MB")
+    lines.append("| prefix_attention step vs cat + SDPA | ≤ 1.0×, less memory | " + "; ".join(pre) + " |")
+    v = "B="
+    lines.append("| VPT-deep step, concat time over fastpeft's | ≥ 1.2× | "
+                 f"{ratio(ms('vpt_deep_train_step', 'concat', 'full', v), ms('vpt_deep_train_step', 'fastpeft', 'full', v))} |")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
