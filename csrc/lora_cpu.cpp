@@ -409,7 +409,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     dB = at::zeros({N, r}, opts);
   } else {
     const int64_t br = block_rows(std::max(K, N), sizeof(T));
-    const int64_t nblk = (M + br - 1) / br;
+    // As in the forward: with oneDNN, dx_blk += dy_blk·W runs per outer block right after the
+    // rank pass wrote dx_blk = (dt·A) ⊙ mask (dx_blk in cache, dy_blk just read).
+    // Only while a block of dy (gb × N) fits in L2: with wide dy (N = 3072 at K = 768) the
+    // per-block GEMM measured slower than one multi-threaded call after the pass.
+    const int64_t gb0 = gemm_rows(M, br);
+    const bool fused = need_x && fastpeft::onednn_gemm(x.scalar_type()) &&
+                       gb0 * N * static_cast<int64_t>(sizeof(T)) <= 1536 * 1024;
+    const int64_t gb = fused ? gb0 : br;  // rows per outer block
+    const int64_t nblk = (M + gb - 1) / gb;
     const int64_t nch = num_chunks(nblk);
     // Per-chunk partial sums of the two reductions over rows (tiny: r×(K+N) each).
     const bool fast = fast_rank<T>(r);
@@ -430,8 +438,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
       std::vector<T> ts(fast ? static_cast<size_t>(br * r) : 0);
       for (int64_t c = c0; c < c1; ++c) {
         Tensor dAc = dA_part[c], dBc = dB_part[c];
-        for (int64_t b = nblk * c / nch; b < nblk * (c + 1) / nch; ++b) {
-          const int64_t i0 = b * br, rows = std::min(br, M - i0);
+        for (int64_t ob = nblk * c / nch; ob < nblk * (c + 1) / nch; ++ob) {
+         const int64_t o0 = ob * gb, orows = std::min(gb, M - o0);
+         for (int64_t i0 = o0; i0 < o0 + orows; i0 += br) {
+          const int64_t rows = std::min(br, o0 + orows - i0);
           if (fast) {
             const T* dyb = dyp + i0 * ldy;
             T* dtb = dt.data_ptr<T>() + i0 * r;
@@ -477,13 +487,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
             at::mm_out(dxb, dtb, A);                              // dx_blk = dt·A ...
             if (drop) apply_keep<T>(dxb.data_ptr<T>(), keep.data(), rows * K, dscale);  // ... ⊙ mask/(1-p)
           }
+         }
+         // dx_blk += dy_blk·W (not column-tiled: a column slice of W is neither row- nor
+         // column-major, and oneDNN would copy it per call).
+         if (fused) fastpeft::gemm(dy.narrow(0, o0, orows), weight, dx.narrow(0, o0, orows), 1.0);
         }
       }
     });
     dA = nch == 1 ? dA_part[0] : dA_part.sum(0);
     if (fast) dA = dA.t().contiguous();
     dB = nch == 1 ? dB_part[0] : dB_part.sum(0);
-    if (need_x) fastpeft::gemm(dy, weight, dx, 1.0);  // dx += dy·W in place (multi-threaded)
+    if (need_x && !fused) fastpeft::gemm(dy, weight, dx, 1.0);  // dx += dy·W in place (multi-threaded)
   }
   if (need_x && M == 0) dx.zero_();
   Tensor dW = need_weight ? at::empty({N, K}, opts) : at::empty({0}, opts);
