@@ -5,15 +5,20 @@
 //
 // The frozen linear's own cost is two big GEMMs (x·Wᵀ forward, dy·W backward). Everything
 // LoRA adds is rank-r work, so it is done row block by row block (BR rows, in L2) in ONE
-// parallel pass over x (forward) or over dy and x (backward), and the big GEMMs then
-// accumulate on top of it in place (beta = 1):
+// parallel pass over x (forward) or over dy and x (backward), and the big GEMMs accumulate on
+// top of it in place (beta = 1, csrc/gemm.h: oneDNN for fp32, ATen otherwise):
 //
 //   forward   per block: xd = drop(x_blk) (hash regenerated, BR×K scratch), t_blk = xd·Aᵀ,
 //                        y_blk = b + s·t_blk·Bᵀ (replaces the bias broadcast the frozen
-//                        linear also writes);   then  y += x·Wᵀ  (multi-threaded GEMM, gemm.h).
+//                        linear also writes), then y_blk += x_blk·Wᵀ.
 //   backward  per block: dt_blk = s·dy_blk·B, dB_c += s·dy_blkᵀ·t_blk, keep mask (bytes) +
-//                        xd, dA_c += dt_blkᵀ·xd, dx_blk = (dt_blk·A) ⊙ keep/(1-p);
-//                        then  dx += dy·W  (multi-threaded GEMM, gemm.h).
+//                        xd, dA_c += dt_blkᵀ·xd, dx_blk = (dt_blk·A) ⊙ keep/(1-p),
+//                        then dx_blk += dy_blk·W.
+//
+// With oneDNN the big GEMM runs per outer block of ~256 rows inside the same parallel pass
+// (forward: per 512-column tile of y, so the tile is still in cache); a single-threaded oneDNN
+// GEMM on 256 rows runs as fast as one multi-threaded call. With ATen's GEMM (MKL, slower per
+// block) and for wide dy in backward, it is one multi-threaded call after the pass instead.
 //
 // So no M×N temporary, no separate add or scale pass, no M×K float mask or dropped copy of
 // x: the extra memory is t and dt (M×r), per-chunk dA/dB partials and BR-row scratch.

@@ -273,7 +273,10 @@ def format_table(rows: List[dict]) -> str:
 
 
 def plot(rows: List[dict], path: str, x_key: str = "tokens") -> Optional[str]:
-    """Plot each provider's ratio to the floor against ``x_key`` parsed from the shape string."""
+    """Plot each provider's ratio to the floor against the token count (``M=`` or ``x_key=`` in
+    the shape string). One line per (op, mode, provider, rest of the shape), so only shapes that
+    differ in their token count share a line; lines of one point are left out when any line has
+    more (the sweep is what the plot is for)."""
     try:
         import matplotlib
 
@@ -283,25 +286,32 @@ def plot(rows: List[dict], path: str, x_key: str = "tokens") -> Optional[str]:
         return None
     import re
 
-    fig, ax = plt.subplots(figsize=(7, 4))
     series: Dict[tuple, list] = {}
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
         groups.setdefault((r["op"], r["mode"], r["shape"], r["dtype"]), []).append(r)
+    tok = re.compile(rf"\b(?:M|{x_key})=(\d+)\s*")
     for (op, mode, shape, _), rs in groups.items():
         by = {r["provider"]: r for r in rs}
         floor = by.get(rs[0].get("_floor"))
-        m = re.search(r"\bM=(\d+)", shape) or re.search(rf"\b{x_key}=(\d+)", shape)
+        m = tok.search(shape)
         if not floor or not m:
             continue
+        rest = tok.sub("", shape).strip()
         for r in rs:
-            series.setdefault((op, mode, r["provider"]), []).append((int(m.group(1)), r["p50_ms"] / floor["p50_ms"], shape))
-    for (op, mode, prov), pts in series.items():
+            series.setdefault((op, mode, rest, r["provider"]), []).append(
+                (int(m.group(1)), r["p50_ms"] / floor["p50_ms"]))
+    if any(len(p) > 1 for p in series.values()):
+        series = {k: p for k, p in series.items() if len(p) > 1}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (op, mode, rest, prov), pts in series.items():
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{op} {mode} {prov}")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{prov} ({op} {mode}, {rest})")
     ax.set_xscale("log")
     ax.set_xlabel("tokens (M)")
-    ax.set_ylabel("time / frozen floor")
+    ax.set_ylabel("time / floor (p50)")
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.legend(fontsize=6)
     fig.tight_layout()
