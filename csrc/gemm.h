@@ -25,8 +25,12 @@ using MkldnnMatmulFn = void (*)(const at::Tensor&, const at::Tensor&, const at::
 inline MkldnnMatmulFn mkldnn_matmul_fn() {
   static const MkldnnMatmulFn fn = []() -> MkldnnMatmulFn {
     if (!at::hasMKLDNN()) return nullptr;
-    // at::native::mkldnn_matmul(const Tensor&, const Tensor&, const Tensor&, float, float)
-    void* p = dlsym(RTLD_DEFAULT, "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff");
+    // at::native::mkldnn_matmul(const Tensor&, const Tensor&, const Tensor&, float, float), from the
+    // already-loaded libtorch_cpu (Python may have loaded it RTLD_LOCAL, out of RTLD_DEFAULT's reach).
+    const char* sym = "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff";
+    void* p = nullptr;
+    if (void* h = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) p = dlsym(h, sym);
+    if (p == nullptr) p = dlsym(RTLD_DEFAULT, sym);
     return reinterpret_cast<MkldnnMatmulFn>(p);
   }();
   return fn;
