@@ -343,6 +343,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
       // Dispatch TLS is per thread: worker threads must skip autograd (A may require grad).
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       Tensor xd = (drop || sx1 != 1) ? at::empty({br, K}, opts) : Tensor();
+      const T* xd_ptr = xd.defined() ? xd.data_ptr<T>() : nullptr;
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t ob = nblk * c / nch; ob < nblk * (c + 1) / nch; ++ob) {
           const int64_t o0 = ob * gb, orows = std::min(gb, M - o0);
@@ -354,7 +355,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
             if (drop || sx1 != 1) {  // thr 0 keeps every element: a plain strided copy
               dropout_rows<T>(sd, drop ? thr : 0u, drop ? dscale : T(1), i0, rows, K, X, sx0, sx1,
                               xd.data_ptr<T>(), nullptr);
-              X = xd.data_ptr<T>();
+              X = xd_ptr;
               ldx = K;
             }
             if (fast) {
@@ -362,7 +363,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
                                                            t.data_ptr<T>() + i0 * r, r));
             } else {
               Tensor tb = t.narrow(0, i0, rows);
-              at::mm_out(tb, ldx == K && xd.defined() ? xd.narrow(0, 0, rows) : x.narrow(0, i0, rows), At);
+              at::mm_out(tb, X == xd_ptr ? xd.narrow(0, 0, rows) : x.narrow(0, i0, rows), At);
             }
           }
           // ... then y column tile by column tile: y_tile = b + s·t·Bᵀ (this write replaces the

@@ -27,15 +27,11 @@ THP_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 def _allocator_reexec(args, argv) -> None:
     """Re-run this command with :data:`THP_ENV` set (torch reads it once, at its first
     allocation, so it must be in the environment before torch is imported)."""
-    if args.allocator != "thp" or torch_device_type(args.device) != "cpu":
+    if args.allocator != "thp" or args.device.split(":")[0] != "cpu":
         return
     if all(os.environ.get(k) == v for k, v in THP_ENV.items()):
         return
     os.execve(sys.executable, [sys.executable, "-m", "fastpeft", *argv], {**os.environ, **THP_ENV})
-
-
-def torch_device_type(device: str) -> str:
-    return device.split(":")[0]
 
 
 def _bench(args) -> int:

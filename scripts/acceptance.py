@@ -69,14 +69,11 @@ def main(path: str) -> int:
                  f"{ratio(ms('adapter', 'eager_onednn', 'full', a), fp_full)} / "
                  f"{ratio(ms('adapter', 'eager_onednn', 'fwd', a), fp_fwd)} |")
     pre = []
-    for bp in ("Bp=1", "Bp=16"):
-        shape = next((s for (o, _p, _m, s) in rows if o == "prefix" and f" {bp} " in f" {s} "), None)
-        if shape is None:
-            pre.append("n/a")
-            continue
+    for shape in sorted({s for (o, _p, m, s) in rows if o == "prefix" and m == "full"}):
+        bp = next((w for w in shape.split() if w.startswith("Bp=")), shape)
         f, c = ms("prefix", "fastpeft", "full", shape), ms("prefix", "cat_sdpa", "full", shape)
         fm, cm = mb("prefix", "fastpeft", "full", shape), mb("prefix", "cat_sdpa", "full", shape)
-        pre.append(f"{bp}: {ratio(f, c)}, {fm:.1f} vs {cm:.1f} MB")
+        pre.append(f"{bp}: {ratio(f, c)}, {fm:.1f} vs {cm:.1f} MB" if None not in (f, c, fm, cm) else f"{bp}: n/a")
     lines.append("| prefix_attention step vs cat + SDPA | ≤ 1.0×, less memory | " + "; ".join(pre) + " |")
     v = "B="
     lines.append("| VPT-deep step, concat time over fastpeft's | ≥ 1.2× | "
