@@ -24,12 +24,16 @@ BENCH_OPS = {
 THP_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
+def _thp_on() -> bool:
+    return all(os.environ.get(k) == v for k, v in THP_ENV.items())
+
+
 def _allocator_reexec(args, argv) -> None:
     """Re-run this command with :data:`THP_ENV` set (torch reads it once, at its first
     allocation, so it must be in the environment before torch is imported)."""
     if args.allocator != "thp" or args.device.split(":")[0] != "cpu":
         return
-    if all(os.environ.get(k) == v for k, v in THP_ENV.items()):
+    if _thp_on():
         return
     os.execve(sys.executable, [sys.executable, "-m", "fastpeft", *argv], {**os.environ, **THP_ENV})
 
@@ -67,8 +71,7 @@ def _bench(args) -> int:
         all_rows += rows
         alloc = ""
         if device.type == "cpu":
-            thp = all(os.environ.get(k) == v for k, v in THP_ENV.items())
-            alloc = ", THP_MEM_ALLOC_ENABLE=1" if thp else ", default allocator"
+            alloc = ", THP_MEM_ALLOC_ENABLE=1" if _thp_on() else ", default allocator"
         title = (f"### `--op {op}` on {bench.device_name(device)}, {str(dtype)[6:]}{alloc}, "
                  f"commit {bench.commit()}")
         md += [title, "", bench.format_table(rows), ""] + [f"{n}\n" for n in getattr(mod, "NOTES", [])]
