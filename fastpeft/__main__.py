@@ -12,6 +12,7 @@ BENCH_OPS = {
     "adapter": "fastpeft.bench.adapter",
     "prefix": "fastpeft.bench.prefix",
     "vpt": "fastpeft.bench.vpt",
+    "encoder": "fastpeft.bench.encoder",
 }
 
 

@@ -78,6 +78,18 @@ def main(path: str) -> int:
     v = "B="
     lines.append("| VPT-deep step, concat time over fastpeft's | ≥ 1.2× | "
                  f"{ratio(ms('vpt_deep_train_step', 'concat', 'full', v), ms('vpt_deep_train_step', 'fastpeft', 'full', v))} |")
+    enc = ["minilm-l6 ", "bert-base-w "]  # fastpeft/bench/encoder.py's shapes start with the model name
+    weights = []
+    for s in enc:
+        r = get("encoder", "frozen", "full", s)
+        w = next((t for t in r["shape"].split() if t.startswith("weights=")), "") if r else ""
+        weights.append(w.replace("weights=", "") or "n/a")
+    lines.append(f"| encoder LoRA step (r=16 p=0.1 q/k/v/dense) vs the frozen model's fwd+bwd, MiniLM-L6 "
+                 f"({weights[0]} weights, B16×T128) / BERT-base-width 4 layers (B8×T128) | ≤ 1.15× | "
+                 + " / ".join(ratio(ms("encoder", "fastpeft", "full", s), ms("encoder", "frozen", "full", s))
+                              for s in enc) + " |")
+    lines.append("| encoder LoRA step, HF PEFT time / fastpeft time, BERT-base-width | ≥ 1.3× | "
+                 f"{ratio(ms('encoder', 'peft', 'full', enc[1]), ms('encoder', 'fastpeft', 'full', enc[1]))} |")
     print("\n".join(lines))
     return 0
 
