@@ -3,16 +3,23 @@
 //   z = x·Wdᵀ + bd                                  (M, m) pre-activation, returned (saved for bwd)
 //   y = R + scale ⊙ (drop(act(z))·Wuᵀ + bu)         (M, d), R = x or the given residual
 //
-// Row-blocked: blocks of BR rows (about 1.5 MiB of x) are handed out dynamically to the
-// threads (at::parallel_for + an atomic counter); GEMMs on a block are single-threaded calls
-// (gemm.h: oneDNN for fp32, written into slices of z / y / dx in place, ATen otherwise).
-// The scale is folded into the up weight once per call (Wus = diag(scale)·Wu, c = scale ⊙ bu).
+// Row-blocked: blocks of BR rows (about 1.5 MiB of x) are split into one contiguous chunk of
+// blocks per thread (a fixed split: chunk c = blocks [nblk·c/nch, nblk·(c+1)/nch)); GEMMs on a
+// block are single-threaded calls (gemm.h: oneDNN for fp32, written into slices of z / y / dx
+// in place, ATen otherwise).
+// The scale is folded into the up weight once per call (Wus = diag(scale)·Wu, c = scale ⊙ bu),
+// unless an entry of scale is ±inf or NaN: then the forward computes u = h·Wuᵀ + bu first and
+// y = R + scale ⊙ u, the reference's order (folded, inf·Wu summed over m gives NaN where the
+// reference has ±inf).
 // Forward, per block: z_blk = bd + x_blk·Wdᵀ, h = drop(act(z_blk)), y_blk = R_blk + c while
 // R_blk (usually x_blk, just read) is in cache, y_blk += h·Wusᵀ accumulated in place; so x and
 // y are each streamed once and the bottleneck never leaves the block's scratch.
 // Backward, per block: recompute h = act(z) and the mask, dh = dy·Wus, dz = dh ⊙ act'(z), the
-// weight-gradient GEMMs into per-thread accumulators (reduced at the end, in thread order),
-// colsum(dy), dx_blk = dy_blk (the residual's gradient) + dz·Wd accumulated in place.
+// weight-gradient GEMMs into per-chunk accumulators, colsum(dy), dx_blk = dy_blk (the
+// residual's gradient) + dz·Wd accumulated in place. The chunk partials are summed in chunk
+// order after the pass: with the fixed split, the gradients are bit-identical from call to
+// call for a given thread count (a dynamic hand-out of blocks, used before, summed them in an
+// order that changed from call to call).
 // Backward recomputes act(z) and the dropout mask from z (nothing else is saved).
 // fp32/fp64 compute natively; fp16/bf16 are upcast to fp32 and the results cast back.
 // Measured: `python -m fastpeft bench --op adapter` (README).
@@ -23,7 +30,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
-#include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <optional>
 #include <string>
@@ -78,9 +85,9 @@ struct Dropout {
 };
 
 Dropout make_dropout(double p, const c10::optional<Tensor>& seed) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "adapter: dropout_p must be in [0, 1), got ", p);  // NaN too
   Dropout d;
   if (p > 0.0 && seed.has_value() && seed->defined()) {
-    TORCH_CHECK(p < 1.0, "adapter: dropout_p must be < 1, got ", p);
     d.on = true;
     d.seed = static_cast<uint32_t>(seed->item<int64_t>());
     // Same rounding as fastpeft._dropout.threshold: min(round(p * 2**32), 2**32 - 1).
@@ -122,22 +129,29 @@ int64_t block_rows(int64_t M, int64_t d, int64_t elem, int nth) {
 }
 
 
-// Runs body(tid, block) over blocks 0..nblk-1 on at most num_threads threads. Blocks are handed
-// out dynamically (an atomic counter), so a thread the OS delays does not hold the others up;
-// The worker index w < nth (not the OS thread id, which can differ when this runs nested in
-// another parallel region) indexes per-worker scratch and accumulators.
+// Runs body(chunk, block) over blocks 0..nblk-1 split into nch fixed contiguous chunks: chunk c
+// is blocks [nblk·c/nch, nblk·(c+1)/nch), run in block order by one thread. Per-chunk scratch
+// and accumulators are indexed by c (not by the OS thread id, which can differ when this runs
+// nested in another parallel region), so what each accumulator sums, and in which order,
+// depends only on nch.
 template <typename F>
-void for_blocks(int64_t nblk, int nth, const F& body) {
+void for_chunks(int64_t nblk, int64_t nch, const F& body) {
   if (nblk <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(nth, nblk);
-  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
     at::NoGradGuard no_grad;
-    for (int64_t w = w0; w < w1; ++w) {
-      int64_t b;
-      while ((b = next.fetch_add(1, std::memory_order_relaxed)) < nblk) body(static_cast<int>(w), b);
-    }
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t b = nblk * c / nch; b < nblk * (c + 1) / nch; ++b) body(static_cast<int>(c), b);
   });
+}
+
+int64_t num_chunks(int64_t nblk, int nth) { return std::max<int64_t>(1, std::min<int64_t>(nth, nblk)); }
+
+template <typename T>
+bool all_finite(const Tensor& t) {  // t contiguous
+  const T* p = t.data_ptr<T>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (!std::isfinite(p[i])) return false;
+  return true;
 }
 
 Tensor to_compute(const Tensor& t, at::ScalarType ct) {
@@ -155,30 +169,35 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
   Tensor z = at::empty({M, m}, opts);
   Tensor y = at::empty({M, d}, opts);
   if (M == 0) return {y, z};
-  // Fold the scale into the up-projection: Wus = diag(scale)·Wu (d, m), c = scale ⊙ bu.
-  Tensor Wus = (Wu * scale.unsqueeze(1)).contiguous();
+  // Fold the scale into the up-projection: Wus = diag(scale)·Wu (d, m), c = scale ⊙ bu; with a
+  // non-finite scale entry, keep u = h·Wuᵀ + bu whole and scale it after (see the header).
+  const bool fold = all_finite<T>(scale);
+  const bool has_bu = bu.has_value() && bu->defined();
+  Tensor Wus = fold ? (Wu * scale.unsqueeze(1)).contiguous() : Wu;
   Tensor WusT = Wus.t();                     // (m, d) view for h·Wusᵀ
-  Tensor c = bu.has_value() && bu->defined() ? (scale * *bu).contiguous() : at::zeros({d}, opts);
+  Tensor c = has_bu ? (fold ? (scale * *bu).contiguous() : *bu) : at::zeros({d}, opts);
   Tensor WdT = Wd.t();                       // (d, m) view
   const bool has_bd = bd.has_value() && bd->defined();
   const T* bdp = has_bd ? bd->data_ptr<T>() : nullptr;
   const Tensor R = residual.has_value() && residual->defined() ? *residual : x;
   const T* Rp = R.data_ptr<T>();
   const T* cp = c.data_ptr<T>();
+  const T* sp = scale.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   T* zp = z.data_ptr<T>();
   const int nth = std::max(1, at::get_num_threads());
   const int64_t BR = block_rows(M, d, sizeof(T), nth);
   const int64_t nblk = (M + BR - 1) / BR;
-  // Per-thread scratch: the bottleneck activation h and the dropout multipliers of one block.
-  std::vector<Tensor> h_t(nth), mult_t(nth);
-  for (int i = 0; i < nth; ++i) {
+  const int64_t nch = num_chunks(nblk, nth);
+  // Per-chunk scratch: the bottleneck activation h and the dropout multipliers of one block.
+  std::vector<Tensor> h_t(nch), mult_t(nch);
+  for (int64_t i = 0; i < nch; ++i) {
     h_t[i] = at::empty({BR, m}, opts);
     if (dp.on) mult_t[i] = at::empty({BR, m}, opts);
   }
-  for_blocks(nblk, nth, [&](int tid, int64_t b) {
+  for_chunks(nblk, nch, [&](int ch, int64_t b) {
     const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
-    Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), hb = h_t[tid].narrow(0, 0, nr);
+    Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), hb = h_t[ch].narrow(0, 0, nr);
     // z_blk = bd + x_blk·Wdᵀ (bias rows written first, the GEMM accumulates onto them).
     if (has_bd) {
       for (int64_t i = 0; i < nr; ++i) std::copy(bdp, bdp + m, zp + (r0 + i) * m);
@@ -186,21 +205,41 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
     fastpeft::gemm(xb, WdT, zb, has_bd ? 1.0 : 0.0);
     act_fwd(act, hb, zb);
     if (dp.on) {
-      T* mp = mult_t[tid].data_ptr<T>();
+      T* mp = mult_t[ch].data_ptr<T>();
       dropout_mult<T>(dp, mp, r0, nr, m);
       mul_inplace<T>(hb.data_ptr<T>(), mp, nr * m);
     }
-    // y_blk = R_blk + c while R_blk (often x_blk, just read) is still in cache ...
-    for (int64_t i = 0; i < nr; ++i) {
-      const T* rr = Rp + (r0 + i) * d;
-      T* yr = yp + (r0 + i) * d;
+    Tensor yb = y.narrow(0, r0, nr);
+    if (fold) {
+      // y_blk = R_blk + c while R_blk (often x_blk, just read) is still in cache ...
+      for (int64_t i = 0; i < nr; ++i) {
+        const T* rr = Rp + (r0 + i) * d;
+        T* yr = yp + (r0 + i) * d;
 #pragma omp simd
-      for (int64_t j = 0; j < d; ++j) yr[j] = rr[j] + cp[j];
+        for (int64_t j = 0; j < d; ++j) yr[j] = rr[j] + cp[j];
+      }
+      // ... then y_blk += h·Wusᵀ accumulates in place.
+      fastpeft::gemm(hb, WusT, yb, 1.0);
+    } else {
+      // u_blk = bu + h·Wuᵀ, then y_blk = R_blk + scale ⊙ u_blk.
+      for (int64_t i = 0; i < nr; ++i) std::copy(cp, cp + d, yp + (r0 + i) * d);
+      fastpeft::gemm(hb, WusT, yb, 1.0);
+      for (int64_t i = 0; i < nr; ++i) {
+        const T* rr = Rp + (r0 + i) * d;
+        T* yr = yp + (r0 + i) * d;
+        for (int64_t j = 0; j < d; ++j) yr[j] = rr[j] + sp[j] * yr[j];
+      }
     }
-    // ... then y_blk += h·Wusᵀ accumulates in place.
-    fastpeft::gemm(hb, WusT, y.narrow(0, r0, nr), 1.0);
   });
   return {y, z};
+}
+
+// Sum of the per-chunk partials part[0..nch) in chunk order (elementwise adds: the same
+// result on every call).
+Tensor sum_chunks(const Tensor& part) {
+  Tensor acc = part[0].clone();
+  for (int64_t c = 1; c < part.size(0); ++c) acc.add_(part[c]);
+  return acc;
 }
 
 template <typename T>
@@ -215,35 +254,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   const int nth = std::max(1, at::get_num_threads());
   const int64_t BR = block_rows(M, d, sizeof(T), nth);
   const int64_t nblk = M == 0 ? 0 : (M + BR - 1) / BR;
-  // Per-thread accumulators: Gᵀ = hᵀ·dy (m, d), s = colsum(dy) (d,), dWd = dzᵀ·x (m, d), dbd (m,).
-  Tensor GT_t = at::zeros({nth, m, d}, opts), s_t = at::zeros({nth, d}, opts);
-  Tensor dWd_t = at::zeros({nth, m, d}, opts), dbd_t = at::zeros({nth, m}, opts);
-  std::vector<char> used(nth, 0);
+  const int64_t nch = num_chunks(nblk, nth);
+  // Per-chunk accumulators: Gᵀ = hᵀ·dy (m, d), s = colsum(dy) (d,), dWd = dzᵀ·x (m, d), dbd (m,).
+  // The GEMM ones are written (beta 0) by the chunk's first block, the others start at zero.
+  Tensor GT_t = at::empty({nch, m, d}, opts), dWd_t = at::empty({nch, m, d}, opts);
+  Tensor s_t = at::zeros({nch, d}, opts), dbd_t = at::zeros({nch, m}, opts);
   const T* dyp = dy.data_ptr<T>();
 
-  std::vector<Tensor> h_t(nth), dh_t(nth), dz_t(nth), mult_t(nth);
-  for (int i = 0; i < nth; ++i) {
+  std::vector<Tensor> h_t(nch), dh_t(nch), dz_t(nch), mult_t(nch);
+  for (int64_t i = 0; i < nch; ++i) {
     h_t[i] = at::empty({BR, m}, opts); dh_t[i] = at::empty({BR, m}, opts); dz_t[i] = at::empty({BR, m}, opts);
     if (dp.on) mult_t[i] = at::empty({BR, m}, opts);
   }
-  for_blocks(nblk, nth, [&](int tid, int64_t b) {
-    used[tid] = 1;
-    T* sp = s_t[tid].data_ptr<T>();
-    T* dbdp = dbd_t[tid].data_ptr<T>();
+  for_chunks(nblk, nch, [&](int ch, int64_t b) {
+    const double beta = b == nblk * ch / nch ? 0.0 : 1.0;  // the chunk's first block overwrites
+    T* sp = s_t[ch].data_ptr<T>();
+    T* dbdp = dbd_t[ch].data_ptr<T>();
     const int64_t r0 = b * BR, nr = std::min(BR, M - r0);
     Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), dyb = dy.narrow(0, r0, nr);
-    Tensor hb = h_t[tid].narrow(0, 0, nr), dhb = dh_t[tid].narrow(0, 0, nr), dzb = dz_t[tid].narrow(0, 0, nr);
+    Tensor hb = h_t[ch].narrow(0, 0, nr), dhb = dh_t[ch].narrow(0, 0, nr), dzb = dz_t[ch].narrow(0, 0, nr);
     act_fwd(act, hb, zb);                                   // recompute h = act(z)
     fastpeft::gemm(dyb, Wus, dhb);                          // dh = dy·Wus   (nr, m)
     if (dp.on) {
-      T* mp = mult_t[tid].data_ptr<T>();
+      T* mp = mult_t[ch].data_ptr<T>();
       dropout_mult<T>(dp, mp, r0, nr, m);
       mul_inplace<T>(hb.data_ptr<T>(), mp, nr * m);
       mul_inplace<T>(dhb.data_ptr<T>(), mp, nr * m);
     }
     act_bwd(act, dzb, dhb, zb);                             // dz = dh ⊙ act'(z)
-    fastpeft::gemm(hb.t(), dyb, GT_t[tid], 1.0);            // Gᵀ += hᵀ·dy    (m, d)
-    fastpeft::gemm(dzb.t(), xb, dWd_t[tid], 1.0);           // dWd += dzᵀ·x   (m, d)
+    fastpeft::gemm(hb.t(), dyb, GT_t[ch], beta);            // Gᵀ (+)= hᵀ·dy    (m, d)
+    fastpeft::gemm(dzb.t(), xb, dWd_t[ch], beta);           // dWd (+)= dzᵀ·x   (m, d)
     const T* dzp = dzb.data_ptr<T>();
     for (int64_t i = 0; i < nr; ++i) {
       const T* zr = dzp + i * m;
@@ -262,18 +302,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     }
     if (need_x) fastpeft::gemm(dzb, Wd, dx.narrow(0, r0, nr), copy_dy ? 1.0 : 0.0);  // dx_blk (+)= dz·Wd
   });
-  // Reduce the accumulators of the threads that ran.
-  std::vector<int64_t> ids;
-  for (int i = 0; i < nth; ++i) if (used[i]) ids.push_back(i);
+  // Sum the chunk partials in chunk order.
   Tensor G, s, dWd, dbd;
-  if (ids.empty()) {
+  if (nblk == 0) {
     G = at::zeros({d, m}, opts); s = at::zeros({d}, opts); dWd = at::zeros({m, d}, opts); dbd = at::zeros({m}, opts);
   } else {
-    Tensor idx = at::tensor(ids, at::kLong);
-    G = GT_t.index_select(0, idx).sum(0).t();
-    s = s_t.index_select(0, idx).sum(0);
-    dWd = dWd_t.index_select(0, idx).sum(0);
-    dbd = dbd_t.index_select(0, idx).sum(0);
+    G = sum_chunks(GT_t).t();
+    s = sum_chunks(s_t);
+    dWd = sum_chunks(dWd_t);
+    dbd = sum_chunks(dbd_t);
   }
   Tensor dWu = (G * scale.unsqueeze(1)).contiguous();
   Tensor dbu = s * scale;

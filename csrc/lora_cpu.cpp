@@ -522,6 +522,11 @@ std::tuple<Tensor, Tensor> lora_fwd(const Tensor& x, const Tensor& weight, const
   check_2d("lora_B", lora_B);
   TORCH_CHECK(x.device().is_cpu(), "lora_fwd (C++ backend): expected CPU tensors, got ", x.device());
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "lora_fwd: dropout_p must be in [0, 1), got ", dropout_p);
+  if (x.size(1) == 0) {  // K = 0: y = b (or 0), t = 0; x has no data for the blocked pass to read
+    Tensor y = at::zeros({x.size(0), weight.size(0)}, x.options());
+    if (bias.has_value() && bias->defined()) y.add_(*bias);
+    return {y, at::zeros({x.size(0), lora_A.size(0)}, x.options())};
+  }
   if (is_half(x)) {
     auto [y, t] = lora_fwd(to_f32(x), to_f32(weight), opt_f32(bias), to_f32(lora_A), to_f32(lora_B), scaling,
                            dropout_p, seed);

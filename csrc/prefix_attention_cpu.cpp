@@ -17,8 +17,9 @@
 //             of that kv head run in the task). Per tile: p = exp(s - lse), dv += pᵀ·dO,
 //             dP = dO·vᵀ, dS = p ⊙ (dP - rowsum(dO ⊙ out)), dq = dS·k, dk += dSᵀ·q - each split
 //             into its prefix and main columns. A shared prefix (Bp = 1) is read with batch
-//             stride 0 (never expanded) and its gradient accumulates in per-thread buffers that
-//             are summed at the end (2·nthreads·Hkv·P·D floats).
+//             stride 0 (never expanded) and its gradient accumulates in per-chunk buffers (one
+//             fixed chunk of tasks per thread) that are summed in chunk order at the end
+//             (2·nthreads·Hkv·P·D floats): bit-identical results from call to call.
 //   GEMMs are the BLAS that libtorch_cpu exports (sgemm_/dgemm_, MKL here), called single-
 //   threaded inside at::parallel_for; exp is a vectorised Cephes polynomial. fp16/bf16 inputs
 //   are upcast once and computed in fp32 (lse is float32; float64 for float64 inputs).
@@ -254,80 +255,85 @@ void bwd_impl(const Dims& d, const Tensor& dout_, const Tensor& q_, const Tensor
     for (int i = 0; i < 4; ++i) ms[i] = mask_t->stride(i);
   const bool shared = pk_.size(0) == 1 && d.B > 1;
   const int64_t ld = d.P + d.S, nblk = (d.L + kBlockM - 1) / kBlockM, PD = d.P * d.D, SD = d.S * d.D;
-  const int64_t nt = at::get_num_threads();
-  // per thread: score/probability tile, dP tile, delta; a shared prefix's gradient accumulates per
-  // thread (tasks of different b hit the same prefix rows) and is reduced after the loop.
-  std::vector<T> scratch(static_cast<size_t>(nt) * (2 * kBlockM * ld + kBlockM));
-  std::vector<T> pacc(shared ? static_cast<size_t>(nt) * 2 * d.Hkv * PD : 0, T(0));
+  // The B·Hkv tasks are split into nch fixed contiguous chunks (chunk c = tasks
+  // [ntask·c/nch, ntask·(c+1)/nch), run in order by one thread).
+  const int64_t ntask = d.B * d.Hkv;
+  const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), ntask));
+  // per chunk: score/probability tile, dP tile, delta; a shared prefix's gradient accumulates per
+  // chunk (tasks of different b hit the same prefix rows) and the chunk partials are summed in
+  // chunk order after the loop, so the result does not depend on thread scheduling.
+  std::vector<T> scratch(static_cast<size_t>(nch) * (2 * kBlockM * ld + kBlockM));
+  std::vector<T> pacc(shared ? static_cast<size_t>(nch) * 2 * d.Hkv * PD : 0, T(0));
   T *gq = dq.data_ptr<T>(), *gk = dk.data_ptr<T>(), *gv = dv.data_ptr<T>();
   T *gpk = dpk.data_ptr<T>(), *gpv = dpv.data_ptr<T>();
   // one task per (b, kv head): it owns dk/dv rows and (Bp = B) the prefix rows, so no races
-  at::parallel_for(0, d.B * d.Hkv, 1, [&](int64_t begin, int64_t end) {
-    const int64_t tid = at::get_thread_num();
-    T* s = scratch.data() + tid * (2 * kBlockM * ld + kBlockM);
-    T* dp = s + kBlockM * ld;
-    T* delta = dp + kBlockM * ld;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / d.Hkv, hk = t % d.Hkv;
-      T* dk_t = gk + t * SD;
-      T* dv_t = gv + t * SD;
-      std::fill(dk_t, dk_t + SD, T(0));
-      std::fill(dv_t, dv_t + SD, T(0));
-      T *dpk_t, *dpv_t;
-      if (shared) {
-        dpk_t = pacc.data() + (tid * 2 * d.Hkv + hk) * PD;
-        dpv_t = dpk_t + d.Hkv * PD;
-      } else {
-        dpk_t = gpk + t * PD;
-        dpv_t = gpv + t * PD;
-        std::fill(dpk_t, dpk_t + PD, T(0));
-        std::fill(dpv_t, dpv_t + PD, T(0));
-      }
-      for (int64_t g = 0; g < d.G; ++g) {
-        const int64_t h = hk * d.G + g;
-        for (int64_t blk = 0; blk < nblk; ++blk) {
-          const int64_t i0 = blk * kBlockM, Mq = std::min(kBlockM, d.L - i0);
-          const int64_t Nm = scores<T, M>(d, q, k, pk, mask, ms, b, h, i0, Mq, scale, s);
-          const int64_t N = d.P + Nm;
-          const T* lrow = lse + (b * d.H + h) * d.L + i0;
-          const T* dor = dout.at(b, h, i0);
-          for (int64_t r = 0; r < Mq; ++r) {
-            exp_sum<T>(s + r * ld, N, lrow[r]);  // p = exp(s - lse): this tile's share of the joint softmax
-            const T* o_r = out.at(b, h, i0 + r);
-            const T* do_r = dor + r * dout.sr;
-            T acc = 0;
+  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      T* s = scratch.data() + ch * (2 * kBlockM * ld + kBlockM);
+      T* dp = s + kBlockM * ld;
+      T* delta = dp + kBlockM * ld;
+      for (int64_t t = ntask * ch / nch; t < ntask * (ch + 1) / nch; ++t) {
+        const int64_t b = t / d.Hkv, hk = t % d.Hkv;
+        T* dk_t = gk + t * SD;
+        T* dv_t = gv + t * SD;
+        std::fill(dk_t, dk_t + SD, T(0));
+        std::fill(dv_t, dv_t + SD, T(0));
+        T *dpk_t, *dpv_t;
+        if (shared) {
+          dpk_t = pacc.data() + (ch * 2 * d.Hkv + hk) * PD;
+          dpv_t = dpk_t + d.Hkv * PD;
+        } else {
+          dpk_t = gpk + t * PD;
+          dpv_t = gpv + t * PD;
+          std::fill(dpk_t, dpk_t + PD, T(0));
+          std::fill(dpv_t, dpv_t + PD, T(0));
+        }
+        for (int64_t g = 0; g < d.G; ++g) {
+          const int64_t h = hk * d.G + g;
+          for (int64_t blk = 0; blk < nblk; ++blk) {
+            const int64_t i0 = blk * kBlockM, Mq = std::min(kBlockM, d.L - i0);
+            const int64_t Nm = scores<T, M>(d, q, k, pk, mask, ms, b, h, i0, Mq, scale, s);
+            const int64_t N = d.P + Nm;
+            const T* lrow = lse + (b * d.H + h) * d.L + i0;
+            const T* dor = dout.at(b, h, i0);
+            for (int64_t r = 0; r < Mq; ++r) {
+              exp_sum<T>(s + r * ld, N, lrow[r]);  // p = exp(s - lse): this tile's share of the joint softmax
+              const T* o_r = out.at(b, h, i0 + r);
+              const T* do_r = dor + r * dout.sr;
+              T acc = 0;
 #pragma omp simd reduction(+ : acc)
-            for (int64_t c = 0; c < d.D; ++c) acc += do_r[c] * o_r[c];
-            delta[r] = acc;
-          }
-          // dV += Pᵀ·dO (both sources)
-          mm_aTb<T>(d.P, d.D, Mq, T(1), s, ld, dor, dout.sr, T(1), dpv_t, d.D);
-          mm_aTb<T>(Nm, d.D, Mq, T(1), s + d.P, ld, dor, dout.sr, T(1), dv_t, d.D);
-          // dP = dO·Vᵀ
-          mm_abT<T>(Mq, d.P, d.D, T(1), dor, dout.sr, pv.at(b, hk, 0), pv.sr, T(0), dp, ld);
-          mm_abT<T>(Mq, Nm, d.D, T(1), dor, dout.sr, v.at(b, hk, 0), v.sr, T(0), dp + d.P, ld);
-          // dS = P ⊙ (dP - delta), in place of P
-          for (int64_t r = 0; r < Mq; ++r) {
-            T* sr = s + r * ld;
-            const T* dpr = dp + r * ld;
-            const T dl = delta[r];
+              for (int64_t c = 0; c < d.D; ++c) acc += do_r[c] * o_r[c];
+              delta[r] = acc;
+            }
+            // dV += Pᵀ·dO (both sources)
+            mm_aTb<T>(d.P, d.D, Mq, T(1), s, ld, dor, dout.sr, T(1), dpv_t, d.D);
+            mm_aTb<T>(Nm, d.D, Mq, T(1), s + d.P, ld, dor, dout.sr, T(1), dv_t, d.D);
+            // dP = dO·Vᵀ
+            mm_abT<T>(Mq, d.P, d.D, T(1), dor, dout.sr, pv.at(b, hk, 0), pv.sr, T(0), dp, ld);
+            mm_abT<T>(Mq, Nm, d.D, T(1), dor, dout.sr, v.at(b, hk, 0), v.sr, T(0), dp + d.P, ld);
+            // dS = P ⊙ (dP - delta), in place of P
+            for (int64_t r = 0; r < Mq; ++r) {
+              T* sr = s + r * ld;
+              const T* dpr = dp + r * ld;
+              const T dl = delta[r];
 #pragma omp simd
-            for (int64_t j = 0; j < N; ++j) sr[j] = sr[j] * (dpr[j] - dl);
+              for (int64_t j = 0; j < N; ++j) sr[j] = sr[j] * (dpr[j] - dl);
+            }
+            // dQ = scale·dS·K ; dK += scale·dSᵀ·Q
+            T* dqr = gq + ((b * d.H + h) * d.L + i0) * d.D;
+            mm_ab<T>(Mq, d.D, d.P, scale, s, ld, pk.at(b, hk, 0), pk.sr, T(0), dqr, d.D);
+            mm_ab<T>(Mq, d.D, Nm, scale, s + d.P, ld, k.at(b, hk, 0), k.sr, T(1), dqr, d.D);
+            mm_aTb<T>(d.P, d.D, Mq, scale, s, ld, q.at(b, h, i0), q.sr, T(1), dpk_t, d.D);
+            mm_aTb<T>(Nm, d.D, Mq, scale, s + d.P, ld, q.at(b, h, i0), q.sr, T(1), dk_t, d.D);
           }
-          // dQ = scale·dS·K ; dK += scale·dSᵀ·Q
-          T* dqr = gq + ((b * d.H + h) * d.L + i0) * d.D;
-          mm_ab<T>(Mq, d.D, d.P, scale, s, ld, pk.at(b, hk, 0), pk.sr, T(0), dqr, d.D);
-          mm_ab<T>(Mq, d.D, Nm, scale, s + d.P, ld, k.at(b, hk, 0), k.sr, T(1), dqr, d.D);
-          mm_aTb<T>(d.P, d.D, Mq, scale, s, ld, q.at(b, h, i0), q.sr, T(1), dpk_t, d.D);
-          mm_aTb<T>(Nm, d.D, Mq, scale, s + d.P, ld, q.at(b, h, i0), q.sr, T(1), dk_t, d.D);
         }
       }
     }
   });
-  if (shared) {  // reduce the per-thread prefix gradients
+  if (shared) {  // sum the per-chunk prefix gradients, in chunk order
     std::fill(gpk, gpk + d.Hkv * PD, T(0));
     std::fill(gpv, gpv + d.Hkv * PD, T(0));
-    for (int64_t t = 0; t < nt; ++t) {
+    for (int64_t t = 0; t < nch; ++t) {
       const T* a = pacc.data() + t * 2 * d.Hkv * PD;
       for (int64_t x = 0; x < d.Hkv * PD; ++x) {
         gpk[x] += a[x];
@@ -354,9 +360,11 @@ c10::optional<Tensor> prep_mask(const c10::optional<Tensor>& m) {
 
 Dims dims(const Tensor& q, const Tensor& k, const Tensor& pk, bool causal) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && pk.dim() == 4, "prefix_attention: expected 4-D q, k, prefix_k");
+  TORCH_CHECK(q.size(1) >= 1 && k.size(1) >= 1 && q.size(1) % k.size(1) == 0 && q.size(3) >= 1 && pk.size(2) >= 1,
+              "prefix_attention: bad shapes q ", q.sizes(), ", k ", k.sizes(), ", prefix_k ", pk.sizes(),
+              " (expected H, Hkv, D, P >= 1 and H % Hkv == 0)");
   Dims d{q.size(0), q.size(1), k.size(1), q.size(1) / k.size(1), q.size(2), k.size(2), pk.size(2), q.size(3),
          causal};
-  TORCH_CHECK(d.H % d.Hkv == 0 && d.P >= 1 && d.S >= 1, "prefix_attention: bad shapes");
   return d;
 }
 
@@ -388,6 +396,7 @@ std::tuple<Tensor, Tensor> prefix_attention_fwd(const Tensor& q_, const Tensor& 
   const Dims d = dims(q, k, pk, is_causal);
   Tensor out = at::empty({d.B, d.H, d.L, d.D}, q.options());
   Tensor lse = at::empty({d.B, d.H, d.L}, q.options());
+  if (d.B * d.L == 0) return {out.to(q_.scalar_type()), lse};  // no queries: empty outputs
   dispatch(ct, mask, [&](auto t, auto m) {
     using T = decltype(t);
     using M = decltype(m);
@@ -411,12 +420,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd(
   Tensor dv = at::empty({d.B, d.Hkv, d.S, d.D}, q.options());
   Tensor dpk = at::empty({prefix_k.size(0), d.Hkv, d.P, d.D}, q.options());
   Tensor dpv = at::empty({prefix_k.size(0), d.Hkv, d.P, d.D}, q.options());
-  dispatch(ct, mask, [&](auto t, auto m) {
-    using T = decltype(t);
-    using M = decltype(m);
-    bwd_impl<T, M>(d, dout, q, k, v, pk, pv, mask ? &*mask : nullptr, out, lse, static_cast<T>(scale), dq, dk,
-                   dv, dpk, dpv);
-  });
+  if (d.B * d.L == 0) {  // no queries: nothing reaches the keys, values or prefixes
+    for (Tensor* g : {&dk, &dv, &dpk, &dpv}) g->zero_();
+  } else {
+    dispatch(ct, mask, [&](auto t, auto m) {
+      using T = decltype(t);
+      using M = decltype(m);
+      bwd_impl<T, M>(d, dout, q, k, v, pk, pv, mask ? &*mask : nullptr, out, lse, static_cast<T>(scale), dq, dk,
+                     dv, dpk, dpv);
+    });
+  }
   const auto st = q_.scalar_type();
   auto back = [&](const Tensor& t) { return t.scalar_type() == st ? t : t.to(st); };
   return {back(dq), back(dk), back(dv), back(dpk), back(dpv)};
