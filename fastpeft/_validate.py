@@ -1,6 +1,7 @@
 """Argument checks with errors that name the argument, the expected and the actual value."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -39,17 +40,24 @@ def check_optional(name: str, t, **kw) -> None:
         check_tensor(name, t, **kw)
 
 
-def check_dropout(p) -> float:
-    if not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"dropout_p: expected a float in [0, 1), got {p!r}")
+def check_dropout(p, name: str = "dropout_p") -> float:
+    """``p`` as a float in [0, 1); checked whether or not dropout is active (training)."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        raise ValueError(f"{name}: expected a float in [0, 1), got {p!r}")
     return float(p)
 
 
-def check_scaling(s) -> float:
+def check_scaling(s, *, allow_inf: bool = False) -> float:
+    """A float scaling (or a one-element tensor's value). NaN is refused; ±inf only with
+    ``allow_inf`` (the op then follows its reference for infinite scales)."""
     if isinstance(s, torch.Tensor):
         if s.numel() != 1:
             raise ValueError(f"scaling: expected a float, got a tensor of shape {tuple(s.shape)}")
         s = s.item()
-    if not isinstance(s, (int, float)):
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
         raise ValueError(f"scaling: expected a float, got {type(s).__name__}")
-    return float(s)
+    s = float(s)
+    if math.isnan(s) or (math.isinf(s) and not allow_inf):
+        raise ValueError(f"scaling: expected a finite float, got {s!r}" if not allow_inf
+                         else f"scaling: expected a float that is not NaN, got {s!r}")
+    return s

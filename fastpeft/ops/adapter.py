@@ -24,6 +24,7 @@ regenerated in backward, never stored.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -31,7 +32,7 @@ from torch import Tensor
 
 from fastpeft import _dropout
 from fastpeft._backend import get_kernel, select_backend
-from fastpeft._validate import FLOAT_DTYPES, check_dropout, check_optional, check_tensor
+from fastpeft._validate import FLOAT_DTYPES, check_dropout, check_optional, check_scaling, check_tensor
 from fastpeft.ops._common import autocast_dtype, cast_all, none_if_empty
 from fastpeft.reference.adapter import ACTIVATIONS
 
@@ -78,12 +79,13 @@ class AdapterFunction(torch.autograd.Function):
     def forward(ctx, x, down_weight, down_bias, up_weight, up_bias, scale_t, scaling, residual, activation,
                 dropout_p, seed, backend):
         lead, d = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, d)
+        M = math.prod(lead)
+        x2 = x.reshape(M, d)  # not (-1, d): that is ambiguous when d = 0
         if scale_t is None:
             scale = x.new_full((), scaling).expand(d)
         else:
             scale = scale_t.expand(d) if scale_t.dim() == 0 else scale_t
-        r2 = None if residual is None else residual.reshape(-1, d)
+        r2 = None if residual is None else residual.reshape(M, d)
         y, z = adapter_fwd(x2, down_weight, down_bias, up_weight, up_bias, scale, r2, activation, dropout_p,
                            seed, backend)
         ctx.save_for_backward(x2, down_weight, up_weight, up_bias, z, scale)
@@ -101,7 +103,7 @@ class AdapterFunction(torch.autograd.Function):
         need_x = nig[0]
         need_scale = ctx.scale_dim is not None and nig[5]
         d = x2.shape[1]
-        dy2 = dy.reshape(-1, d)
+        dy2 = dy.reshape(x2.shape[0], d)
         dx, dWd, dbd, dWu, dbu, ds = adapter_bwd(dy2, x2, down_weight, up_weight, up_bias, z, scale,
                                                  ctx.activation, ctx.dropout_p, ctx.seed, ctx.residual_is_x,
                                                  need_x, need_scale, ctx.backend)
@@ -137,6 +139,8 @@ def _check(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, r
     elif isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise ValueError(f"scaling: expected a float or a tensor of shape () or ({d},), "
                          f"got {type(scaling).__name__}")
+    else:
+        check_scaling(scaling, allow_inf=True)
     check_optional("residual", residual, shape=tuple(x.shape), dtype=x.dtype, device=x.device)
 
 
@@ -151,10 +155,12 @@ def adapter(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weig
         down_weight: (m, d); down_bias: (m,) or None - the ``nn.Linear(d, m)`` layout.
         up_weight: (d, m); up_bias: (d,) or None - the ``nn.Linear(m, d)`` layout.
         activation: "relu", "gelu" (exact erf), "gelu_tanh", "silu" or "identity".
-        scaling: a float, or a tensor of shape () or (d,) (learnable: it gets a gradient).
+        scaling: a float (not NaN; ±inf gives what the reference gives), or a tensor of shape ()
+            or (d,) (learnable: it gets a gradient).
         residual: (..., d) like x, or None. None: ``R = x`` (sequential adapter); else ``R =
             residual`` (parallel adapter), which gets the gradient dy.
-        dropout_p: dropout on the bottleneck activation, applied only when ``training``.
+        dropout_p: dropout on the bottleneck activation in [0, 1) (checked always), applied only
+            when ``training``.
         backend: "triton", "cpu" or "reference"; default: FASTPEFT_BACKEND, else automatic.
     Returns:
         (..., d) output in x's dtype (fp32 accumulation for fp16/bf16).
@@ -166,7 +172,8 @@ def adapter(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weig
         if isinstance(scaling, Tensor) and scaling.is_floating_point():
             scaling = scaling.to(amp)
     _check(x, down_weight, down_bias, up_weight, up_bias, activation, scaling, residual)
-    p = check_dropout(dropout_p) if training else 0.0
+    p = check_dropout(dropout_p)  # checked in eval mode too
+    p = p if training else 0.0
     seed = _dropout.new_seed(p > 0.0)
     be = select_backend("adapter", x.device, backend)
     scale_t = scaling if isinstance(scaling, Tensor) else None

@@ -17,6 +17,7 @@ and are regenerated in backward, never stored.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -61,7 +62,7 @@ class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
         lead, K = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, K)
+        x2 = x.reshape(math.prod(lead), K)  # not (-1, K): that is ambiguous when K = 0
         y, t = lora_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, t)
         ctx.seed, ctx.scaling, ctx.dropout_p, ctx.backend = seed, scaling, dropout_p, backend
@@ -73,7 +74,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x2, weight, lora_A, lora_B, t = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
             ctx.has_bias and ctx.needs_input_grad[2]
-        dy2 = dy.reshape(-1, weight.shape[0])
+        dy2 = dy.reshape(x2.shape[0], weight.shape[0])
         dx, dW, db, dA, dB = lora_bwd(dy2, x2, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p,
                                       ctx.seed, need_x, need_w, need_b, ctx.backend)
         dx = dx.view(*dy.shape[:-1], x2.shape[1]) if need_x else None
@@ -105,8 +106,9 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
         x: (..., K) input, any leading dims, may be non-contiguous.
         weight: (N, K) frozen (or trainable) base weight; bias: (N,) or None.
         lora_A: (r, K); lora_B: (N, r) - the nn.Linear / HF PEFT layout.
-        scaling: LoRA scale ``s`` (alpha/r, or alpha/sqrt(r) for rsLoRA).
-        dropout_p: dropout on the LoRA branch input, applied only when ``training``.
+        scaling: LoRA scale ``s`` (alpha/r, or alpha/sqrt(r) for rsLoRA); a finite float.
+        dropout_p: dropout on the LoRA branch input in [0, 1) (checked always), applied only when
+            ``training``.
         backend: "triton", "cpu" or "reference"; default: FASTPEFT_BACKEND, else automatic.
     Returns:
         (..., N) output in x's dtype (fp32 accumulation for fp16/bf16).
@@ -116,7 +118,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
         x, weight, bias, lora_A, lora_B = cast_all(amp, x, weight, bias, lora_A, lora_B)
     _check(x, weight, bias, lora_A, lora_B)
     scaling = check_scaling(scaling)
-    p = check_dropout(dropout_p) if training else 0.0
+    p = check_dropout(dropout_p)  # checked in eval mode too
+    p = p if training else 0.0
     seed = _dropout.new_seed(p > 0.0)
     be = select_backend("lora", x.device, backend)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, be)

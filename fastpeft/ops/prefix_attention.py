@@ -89,12 +89,12 @@ class PrefixAttentionFunction(torch.autograd.Function):
 def _check(q, k, v, prefix_k, prefix_v, attn_mask, is_causal, scale):
     check_tensor("q", q, ndim=4)
     B, H, L, D = q.shape
-    if min(B, H, L, D) < 1:
-        raise ValueError(f"q: expected shape (B, H, L, D) with every size >= 1, got {tuple(q.shape)}")
+    if min(H, D) < 1:  # B = 0 or L = 0 (no queries) is fine: an empty output
+        raise ValueError(f"q: expected shape (B, H, L, D) with H >= 1 and D >= 1, got {tuple(q.shape)}")
     check_tensor("k", k, ndim=4, dtype=q.dtype, device=q.device)
     Hkv, S = k.shape[1], k.shape[2]
-    if k.shape[0] != B or k.shape[3] != D or S < 1 or Hkv < 1:
-        raise ValueError(f"k: expected shape ({B}, Hkv, S, {D}) with S >= 1 to match q {tuple(q.shape)}, "
+    if k.shape[0] != B or k.shape[3] != D or Hkv < 1:  # S = 0 is fine: the prefix alone is attended
+        raise ValueError(f"k: expected shape ({B}, Hkv, S, {D}) with Hkv >= 1 to match q {tuple(q.shape)}, "
                          f"got {tuple(k.shape)}")
     if H % Hkv:
         raise ValueError(f"k: expected a number of kv heads dividing q's {H} heads, got Hkv={Hkv} "
@@ -149,8 +149,9 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     """Softmax attention over ``[prefix ; main]`` keys/values, never concatenating them.
 
     Args:
-        q: (B, H, L, D) queries, may be non-contiguous.
-        k, v: (B, Hkv, S, D) main keys/values; H % Hkv == 0 (grouped-query: head h reads h // (H // Hkv)).
+        q: (B, H, L, D) queries, may be non-contiguous; B = 0 or L = 0 gives an empty output.
+        k, v: (B, Hkv, S, D) main keys/values; H % Hkv == 0 (grouped-query: head h reads h // (H // Hkv));
+            S = 0 attends to the prefix alone.
         prefix_k, prefix_v: (Bp, Hkv, P, D), Bp = 1 (shared by the batch, never expanded; its
             gradient sums over the batch) or Bp = B (one per sample); P >= 1.
         attn_mask: None, bool (True = attend, like SDPA) or additive float of q's dtype, broadcastable

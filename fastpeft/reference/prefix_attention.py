@@ -128,7 +128,7 @@ def prefix_attention_bwd_reference(dout, q, k, v, prefix_k, prefix_v, attn_mask:
     Hkv, Bp = k.shape[1], prefix_k.shape[0]
     cdt = _compute_dtype(q.dtype)
     s_p, s_m = _scores(q, k, v, prefix_k, prefix_v, attn_mask, is_causal, scale, cdt)
-    lse_g = lse.to(cdt).reshape(B, Hkv, -1, 1)
+    lse_g = lse.to(cdt).reshape(B, Hkv, (H // Hkv) * L, 1)  # not -1: ambiguous when B or L is 0
     p_p, p_m = torch.exp(s_p - lse_g), torch.exp(s_m - lse_g)
     do = _grouped(dout.to(cdt), Hkv)
     delta = (do * _grouped(out.to(cdt), Hkv)).sum(-1, keepdim=True)

@@ -424,7 +424,7 @@ def adapter_bwd_triton(dy, x, down_weight, up_weight, up_bias, z, scale, activat
     act = _act_code(activation)
     dev, dt = x.device, x.dtype
     dx = torch.empty((M, d) if need_x else (0,), dtype=dt, device=dev)
-    if M == 0:
+    if M == 0 or d == 0:  # empty sums: every gradient is zero (dz = act'(z) ⊙ dy·Wus = 0 at d = 0)
         zeros = lambda *s: torch.zeros(s, dtype=dt, device=dev)  # noqa: E731
         ds = zeros(d) if need_scale else x.new_empty(0)
         return dx, zeros(m, d), zeros(m), zeros(d, m), zeros(d), ds

@@ -451,6 +451,8 @@ def prefix_attention_fwd_triton(q, k, v, prefix_k, prefix_v, attn_mask: Optional
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[2]
     out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:  # no queries (B = 0 or L = 0)
+        return out, lse.to(_lse_dtype(q.dtype))
     args = (q, k, v, prefix_k, prefix_v, q if attn_mask is None else attn_mask, out, lse,
             H, H // Hkv, L, S, P, D,
             *q.stride(), *k.stride(), *v.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
@@ -468,6 +470,9 @@ def prefix_attention_bwd_triton(dout, q, k, v, prefix_k, prefix_v, attn_mask: Op
     Hkv, S, P, Bp = k.shape[1], k.shape[2], prefix_k.shape[2], prefix_k.shape[0]
     G = H // Hkv
     dev, dt = q.device, q.dtype
+    if B * L == 0:  # no queries: nothing reaches the keys, values or prefixes
+        return (torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(prefix_k),
+                torch.zeros_like(prefix_v))
     block_d = _block_d(D)
     ieee = _ieee(dt)
     lse = lse.to(torch.float32).contiguous()
