@@ -16,12 +16,16 @@ every repetition (e.g. a forward pass, for mode ``bwd``).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import gc
 import os
+import re
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -147,11 +151,49 @@ def _quantiles(xs: List[float]) -> tuple:
     return qs[1], statistics.median(xs), qs[7]
 
 
+#: the profiler's own log lines (libkineto writes them to fd 2 from C++ on every start/stop:
+#: "USDT:<date> <pid>:<tid> SyncActivityProfilerHandler.cpp:52] profiler_start", also STAGE lines)
+_KINETO_LOG = re.compile(r"^(?:USDT|STAGE):\d{4}-\d\d-\d\d [\d:.]+ \d+:\d+ \S+:\d+\] ")
+
+
+@contextlib.contextmanager
+def _without_kineto_log():
+    """Run the block with fd 2 captured, then pass on everything but kineto's log lines.
+
+    The profiler's start/stop messages come from C++ (not through ``sys.stderr``), two per
+    profiled call, i.e. hundreds per bench run; anything else written meanwhile (a warning, an
+    error message) is printed after the block, not lost.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable fd 2: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            rest = "".join(line for line in text.splitlines(keepends=True) if not _KINETO_LOG.match(line))
+            if rest:
+                sys.stderr.write(rest)
+                sys.stderr.flush()
+
+
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak of the running sum of CPU allocations made while ``fn`` runs."""
+    """Peak of the running sum of CPU allocations made while ``fn`` runs (torch.profiler's
+    memory events, with its log lines kept off the terminal)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _without_kineto_log(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
