@@ -21,6 +21,8 @@ _LAZY = {
     "lora_linear": "fastpeft.ops.lora",
     "LoRALinearFunction": "fastpeft.ops.lora",
     "LoRALinear": "fastpeft.modules.lora",
+    "LoRAEmbedding": "fastpeft.modules.lora_layers",
+    "LoRAConv2d": "fastpeft.modules.lora_layers",
     # adapters
     "adapter": "fastpeft.ops.adapter",
     "AdapterFunction": "fastpeft.ops.adapter",
@@ -50,6 +52,15 @@ __all__ = ["backends", "info", "select_backend", *_LAZY]
 
 def __getattr__(name: str):
     mod = _LAZY.get(name)
+    if mod is None and name.endswith("Config") and not name.startswith("_"):
+        mod = "fastpeft.config"  # configs of methods added as plug-ins (fastpeft/methods/)
+        try:
+            value = getattr(importlib.import_module(mod), name)
+        except AttributeError:
+            mod = None
+        else:
+            globals()[name] = value
+            return value
     if mod is None:
         raise AttributeError(f"module 'fastpeft' has no attribute {name!r}")
     value = getattr(importlib.import_module(mod), name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Mapping, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -59,17 +59,20 @@ def write_checkpoint(directory: str, config: dict, tensors: Mapping[str, torch.T
         json.dump(config, f, indent=2, sort_keys=True)
 
 
-def validate_state(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: str) -> None:
-    """Check that ``tensors`` has exactly the keys of ``expected`` with the same shapes, floating
-    dtypes and finite values. Raises ``ValueError`` naming ``path`` and the first bad key."""
+def validate_state(tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], path: str,
+                   optional: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    """Check that ``tensors`` has exactly the keys of ``expected`` (plus any of ``optional``) with
+    the same shapes, floating dtypes and finite values. Raises ``ValueError`` naming ``path`` and
+    the first bad key."""
+    optional = optional or {}
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise ValueError(f"{path}: missing key {missing[0]!r} ({len(missing)} missing in all)")
-    unexpected = [k for k in tensors if k not in expected]
+    unexpected = [k for k in tensors if k not in expected and k not in optional]
     if unexpected:
         raise ValueError(f"{path}: unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all; "
                          "the checkpoint does not match this model/config)")
-    for k, ref in expected.items():
+    for k, ref in {**expected, **{k: v for k, v in optional.items() if k in tensors}}.items():
         t = tensors[k]
         if tuple(t.shape) != tuple(ref.shape):
             raise ValueError(f"{path}: key {k!r}: expected shape {tuple(ref.shape)}, got {tuple(t.shape)}")

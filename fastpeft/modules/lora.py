@@ -1,99 +1,96 @@
-"""``LoRALinear``: a frozen ``nn.Linear`` plus one or more LoRA adapters.
+"""LoRA layers: ``LoRALinear`` (``nn.Linear`` and GPT-2's ``Conv1D``, fused op), and the shared
+multi-adapter bookkeeping (:class:`LoRALayer`) that ``LoRAEmbedding`` / ``LoRAConv2d``
+(:mod:`fastpeft.modules.lora_layers`) reuse.
 
 The layout mirrors HF PEFT's ``lora.Linear`` (``base_layer``, ``lora_A[name]``,
 ``lora_B[name]`` as bias-free ``nn.Linear``), so PEFT checkpoints map onto it key for key.
+Several adapters may be active at once (their updates add up, as in PEFT), and a mixed batch
+(``batch_adapters``, one adapter name per row) applies each row's own adapter.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fastpeft.modules.tuner import TunerLayer
 from fastpeft.ops.lora import lora_linear
 
+__all__ = ["LoRALayer", "LoRALinear", "is_conv1d"]
 
-class LoRALinear(nn.Module):
-    """``y = base(x) + s·B(A(drop(x)))`` with the fused op; ``merge()`` folds it into base.
+_INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
 
-    Args:
-        base_layer: the ``nn.Linear`` to adapt (frozen here).
-        r: rank; lora_alpha: scale numerator (``s = alpha/r``, or ``alpha/sqrt(r)`` with rsLoRA).
-        lora_dropout: dropout on the LoRA branch input during training.
-        init_lora_weights: True (A kaiming-uniform a=sqrt(5), B zeros), "gaussian"
-            (A normal(0, 1/r), B zeros) or False (B random too: for tests only).
-        adapter_name: name of this first adapter (PEFT's "default").
-        backend: force a backend for this layer (default: automatic).
-    """
 
-    def __init__(self, base_layer: nn.Linear, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
-                 adapter_name: str = "default", backend: Optional[str] = None):
+def is_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a linear layer whose weight is stored ``(in, out)``."""
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and getattr(m, "weight", None) is not None \
+        and m.weight.dim() == 2
+
+
+class LoRALayer(TunerLayer):
+    """Adapters ``name -> (r, alpha, scaling, dropout)`` on a frozen ``base_layer``; merge/unmerge
+    restore the base weight bit for bit. Subclasses create the factors and compute the update."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, backend: Optional[str] = None):
         super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise ValueError(f"base_layer: expected nn.Linear, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
         self.r: Dict[str, int] = {}
         self.lora_alpha: Dict[str, float] = {}
         self.scaling: Dict[str, float] = {}
         self.lora_dropout: Dict[str, float] = {}
-        self.active_adapter = adapter_name
         self.merged_adapters: List[str] = []
         self._fixups: Dict[str, tuple] = {}
-        self.disable_adapters = False
         self.backend = backend
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self.active_adapters = [adapter_name]
 
-    # ---- adapters -------------------------------------------------------------------------
+    # ---- adapters ---------------------------------------------------------------------------
+    def _factors(self) -> Tuple[nn.Module, nn.Module]:
+        return self.lora_A, self.lora_B
+
+    def adapter_names(self) -> List[str]:
+        return list(self._factors()[0].keys())
+
+    def adapter_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
+        for d in self._factors():
+            v = d[adapter_name]
+            yield from ([v] if isinstance(v, nn.Parameter) else v.parameters())
+
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      use_rslora: bool = False, init_lora_weights: Union[bool, str] = True) -> None:
-        if not isinstance(r, int) or r < 1:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"r: expected a positive int, got {r!r}")
         if not 0.0 <= float(lora_dropout) < 1.0:
             raise ValueError(f"lora_dropout: expected a float in [0, 1), got {lora_dropout!r}")
-        w = self.base_layer.weight
-        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=w.dtype)
+        _check_init(init_lora_weights)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.scaling[adapter_name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.lora_dropout[adapter_name] = float(lora_dropout)
+        self._create(adapter_name, r)
         self.reset_lora_parameters(adapter_name, init_lora_weights)
 
-    @torch.no_grad()
-    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str] = True) -> None:
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            return
-        if init_lora_weights is True:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
-            nn.init.normal_(A, std=1.0 / self.r[adapter_name])
-        else:
-            raise ValueError(f"init_lora_weights: expected True, False or 'gaussian', got {init_lora_weights!r}")
-        nn.init.zeros_(B)
-
-    def set_adapter(self, adapter_name: str) -> None:
-        if adapter_name not in self.lora_A:
-            raise ValueError(f"adapter_name: {adapter_name!r} not in {list(self.lora_A)}")
-        self.active_adapter = adapter_name
+    def set_adapter(self, names) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        missing = [n for n in names if n not in self.adapter_names()]
+        if missing:
+            raise ValueError(f"adapter_name: {missing[0]!r} not in {self.adapter_names()}")
+        self.active_adapters = names
 
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.merged_adapters:
             raise ValueError(f"adapter {adapter_name!r} is merged; unmerge() before deleting it")
-        for d in (self.lora_A, self.lora_B):
+        for d in self._factors():
             del d[adapter_name]
         for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout):
             d.pop(adapter_name, None)
 
-    # ---- conveniences mirroring nn.Linear -----------------------------------------------------
+    def unwrap(self, merge: bool) -> nn.Module:
+        return self.base_layer
+
     @property
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
@@ -106,36 +103,30 @@ class LoRALinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    # ---- merge ----------------------------------------------------------------------------
+    # ---- merge ------------------------------------------------------------------------------
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``s·B·A`` in float32, shape (out_features, in_features)."""
-        A = self.lora_A[adapter_name].weight.float()
-        B = self.lora_B[adapter_name].weight.float()
-        return (B @ A) * self.scaling[adapter_name]
+        raise NotImplementedError
 
     @torch.no_grad()
     def merge(self, adapter_names: Optional[List[str]] = None, safe_merge: bool = True) -> None:
-        """Fold adapters into the base weight: computed in fp32, cast once.
-
-        Elements whose round trip through the weight's dtype would not come back exactly are
-        recorded (a sparse fix-up, usually a small fraction), so ``unmerge`` restores the
-        base weight bit for bit however many times the two alternate.
-        """
-        names = [self.active_adapter] if adapter_names is None else list(adapter_names)
+        """Fold adapters into the base weight: computed in fp32, cast once. Elements whose round
+        trip through the weight's dtype would not come back exactly are recorded (a sparse
+        fix-up), so :meth:`unmerge` restores the base weight bit for bit."""
+        names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
         W = self.base_layer.weight
         for name in names:
             if name in self.merged_adapters:
                 continue
-            if name not in self.lora_A:
-                raise ValueError(f"adapter_names: {name!r} not in {list(self.lora_A)}")
-            delta = self.get_delta_weight(name)
+            if name not in self.adapter_names():
+                raise ValueError(f"adapter_names: {name!r} not in {self.adapter_names()}")
+            delta = self.get_delta_weight(name).reshape(W.shape)
             if safe_merge and not torch.isfinite(delta).all():
                 raise ValueError(f"merge: adapter {name!r} has a non-finite (NaN/inf) delta weight; "
                                  "refusing to corrupt the base weight")
             merged = (W.float() + delta).to(W.dtype)
             back = (merged.float() - delta).to(W.dtype)
-            bad = (back != W).view(-1).nonzero().squeeze(1)
-            self._fixups[name] = (bad, W.view(-1)[bad].clone())
+            bad = (back != W).reshape(-1).nonzero().squeeze(1)
+            self._fixups[name] = (bad, W.reshape(-1)[bad].clone())
             W.copy_(merged)
             self.merged_adapters.append(name)
 
@@ -145,21 +136,192 @@ class LoRALinear(nn.Module):
         W = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            W.copy_((W.float() - self.get_delta_weight(name)).to(W.dtype))
+            W.copy_((W.float() - self.get_delta_weight(name).reshape(W.shape)).to(W.dtype))
             idx, vals = self._fixups.pop(name)
             W.view(-1)[idx] = vals
 
-    # ---- forward --------------------------------------------------------------------------
+    # ---- forward ----------------------------------------------------------------------------
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's update ``s·B(A(drop(x)))`` for input ``x``."""
+        raise NotImplementedError
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x)
+
+    def _fused(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Base + adapter in one fused op where the layer has one (else None)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.active_adapter
-        if self.disable_adapters or self.merged or name not in self.lora_A:
-            if self.disable_adapters and self.merged:
+        if self.batch_adapters is not None:
+            if self.merged:
+                raise ValueError("adapter_names: cannot run a mixed batch while adapters are merged; unmerge() first")
+            y = self._base(x)
+            for name, rows in self._row_groups(x.shape[0]):
+                rows = rows.to(x.device)
+                y = y.index_add(0, rows, self._delta(name, x.index_select(0, rows)).to(y.dtype))
+            return y
+        if self.merged:
+            if self.disable_adapters:
                 raise RuntimeError("adapters are merged: unmerge() before disabling them")
-            return self.base_layer(x)
-        return lora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
-                           self.lora_B[name].weight, self.scaling[name], self.lora_dropout[name],
-                           training=self.training, backend=self.backend)
+            return self._base(x)
+        run = self._running()
+        if not run:
+            return self._base(x)
+        y = self._fused(run[0], x)
+        if y is None:
+            y = self._base(x) + self._delta(run[0], x)
+        for name in run[1:]:
+            y = y + self._delta(name, x)
+        return y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"r={self.r}, scaling={self.scaling}, merged={self.merged_adapters}")
+        return f"r={self.r}, scaling={self.scaling}, merged={self.merged_adapters}"
+
+
+def _check_init(init) -> None:
+    ok = init in (True, False) or (isinstance(init, str) and (
+        init.lower() in ("gaussian", "olora", "pissa") or init.lower().startswith("pissa_niter_")))
+    if not ok:
+        raise ValueError(f"init_lora_weights: expected {_INITS}, got {init!r}")
+
+
+class LoRALinear(LoRALayer):
+    """``y = base(x) + s·B(A(drop(x)))`` with the fused op; ``merge()`` folds it into base.
+
+    Args:
+        base_layer: the ``nn.Linear`` (or GPT-2 ``Conv1D``, weight ``(in, out)``) to adapt (frozen).
+        r: rank; lora_alpha: scale numerator (``s = alpha/r``, or ``alpha/sqrt(r)`` with rsLoRA).
+        lora_dropout: dropout on the LoRA branch input during training.
+        init_lora_weights: True (A kaiming-uniform a=sqrt(5), B zeros), "gaussian" (A normal(0,
+            1/r), B zeros), "pissa" / "pissa_niter_<n>" / "olora" (factors from the base weight's
+            SVD / QR, the base weight becomes the residual, as PEFT) or False (B random too).
+        adapter_name: name of this first adapter (PEFT's "default").
+        backend: force a backend for this layer (default: automatic).
+        out_slices: LoRA on parts of the output only (e.g. Q and V of a fused qkv): a list of
+            ``(start, stop)`` output ranges, each with its own rank-r factors (``lora_A`` stacks
+            them: ``(len·r, in)``; ``lora_B`` holds their rows: ``(Σ sizes, r)``).
+    """
+
+    def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
+                 adapter_name: str = "default", backend: Optional[str] = None,
+                 out_slices: Optional[Sequence[Tuple[int, int]]] = None):
+        if not isinstance(base_layer, nn.Linear) and not is_conv1d(base_layer):
+            raise ValueError(f"base_layer: expected nn.Linear (or transformers' Conv1D), got {type(base_layer).__name__}")
+        super().__init__(base_layer, adapter_name, backend)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        w = base_layer.weight
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.out_slices: Dict[str, Optional[List[Tuple[int, int]]]] = {}
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, out_slices)
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
+                     use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
+                     out_slices: Optional[Sequence[Tuple[int, int]]] = None) -> None:
+        slices = out_slices
+        if slices is not None:
+            slices = [(int(a), int(b)) for a, b in slices]
+            if not slices or any(not 0 <= a < b <= self.out_features for a, b in slices):
+                raise ValueError(f"out_slices: expected (start, stop) ranges within [0, {self.out_features}], "
+                                 f"got {slices}")
+            if init_lora_weights not in (True, False, "gaussian"):
+                raise ValueError(f"init_lora_weights: {init_lora_weights!r} is not available with out_slices")
+        self.out_slices[adapter_name] = slices
+        super().update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.out_slices.pop(adapter_name, None)
+
+    def _create(self, name: str, r: int) -> None:
+        w = self.base_layer.weight
+        sl = self.out_slices.get(name)
+        ra, nb = (r, self.out_features) if sl is None else (r * len(sl), sum(b - a for a, b in sl))
+        self.lora_A[name] = nn.Linear(self.in_features, ra, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B[name] = nn.Linear(r, nb, bias=False, device=w.device, dtype=w.dtype)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights: Union[bool, str] = True) -> None:
+        _check_init(init_lora_weights)
+        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
+        if init_lora_weights is False:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            return
+        init = init_lora_weights.lower() if isinstance(init_lora_weights, str) else init_lora_weights
+        if isinstance(init, str) and init.startswith(("pissa", "olora")):
+            return self._init_from_weight(adapter_name, init)
+        if init is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(A, std=1.0 / self.r[adapter_name])
+        nn.init.zeros_(B)
+
+    @torch.no_grad()
+    def _init_from_weight(self, name: str, init: str) -> None:
+        """PiSSA / OLoRA (as PEFT): factors from the base weight, which keeps the residual."""
+        base = self.base_layer
+        dtype = base.weight.dtype
+        W = self._weight().float()
+        r, s = self.r[name], self.scaling[name]
+        if init == "olora":
+            Q, R = torch.linalg.qr(W)
+            B, A = Q[:, :r].contiguous(), R[:r].contiguous()
+        else:
+            if init == "pissa":
+                V, S, Uh = torch.linalg.svd(W, full_matrices=False)
+                Vr, Sr, Uhr = V[:, :r], S[:r] / s, Uh[:r]
+            else:
+                Vr, Sr, Ur = torch.svd_lowrank(W, r, niter=int(init.split("_niter_")[-1]))
+                Sr, Uhr = Sr / s, Ur.t()
+            A = torch.diag(torch.sqrt(Sr)) @ Uhr
+            B = Vr @ torch.diag(torch.sqrt(Sr))
+        self.lora_A[name].weight.data = A.to(dtype)
+        self.lora_B[name].weight.data = B.to(dtype)
+        res = (W - s * B @ A).to(dtype)
+        base.weight.data = res.t().contiguous() if self.fan_in_fan_out else res
+
+    def _weight(self) -> torch.Tensor:
+        """The base weight as ``(out, in)`` (a view for Conv1D)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
+
+    def _B_full(self, name: str) -> torch.Tensor:
+        B = self.lora_B[name].weight
+        sl = self.out_slices.get(name)
+        if sl is None:
+            return B
+        r = self.r[name]
+        full = B.new_zeros(self.out_features, r * len(sl))
+        off = 0
+        for i, (a, b) in enumerate(sl):
+            full[a:b, i * r:(i + 1) * r] = B[off:off + b - a]
+            off += b - a
+        return full
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s·B·A`` in float32, shaped like the base weight."""
+        d = (self._B_full(adapter_name).float() @ self.lora_A[adapter_name].weight.float()) * self.scaling[adapter_name]
+        return d.t() if self.fan_in_fan_out else d
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x)
+
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        p = self.lora_dropout[name]
+        A = self.lora_A[name].weight
+        h = F.dropout(x.to(A.dtype), p, self.training) if p > 0 else x.to(A.dtype)
+        return F.linear(F.linear(h, A), self._B_full(name)) * self.scaling[name]
+
+    def _fused(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        A = self.lora_A[name].weight
+        if x.dtype != A.dtype or x.dtype != self.base_layer.weight.dtype:
+            return None
+        return lora_linear(x, self._weight(), self.base_layer.bias, A, self._B_full(name), self.scaling[name],
+                           self.lora_dropout[name], training=self.training, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()

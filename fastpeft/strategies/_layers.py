@@ -15,10 +15,11 @@ from typing import Dict, Optional, Tuple
 
 from torch import nn
 
+from fastpeft.families import HEAD_NAMES
+
 __all__ = ["find_blocks", "param_layer_ids", "find_head"]
 
 _TOKEN_PARAMS = {"cls_token", "dist_token", "reg_token", "mask_token"}
-_HEAD_NAMES = ("head", "classifier", "fc", "lm_head")
 
 
 def find_blocks(model: nn.Module, blocks: Optional[str] = None) -> Tuple[str, nn.ModuleList]:
@@ -72,15 +73,16 @@ def find_head(model: nn.Module, attr: Optional[str] = None) -> Tuple[nn.Module, 
     """The output head: ``(parent module, attribute name, head module)``.
 
     ``attr`` is the head's path (e.g. ``"head"``, ``"classifier"``); by default the outermost
-    module named one of ``head``, ``classifier``, ``fc``, ``lm_head``.
+    module named one of :data:`fastpeft.families.HEAD_NAMES` (``head``, ``lm_head``,
+    ``classifier``, ``score``, ``fc``: the same list the model-level API uses).
     """
     if attr is None:
         for name, _ in model.named_modules():
-            if name and name.rsplit(".", 1)[-1] in _HEAD_NAMES:
+            if name and name.rsplit(".", 1)[-1] in HEAD_NAMES:
                 attr = name
                 break
         else:
-            raise ValueError(f"model: expected an output head named one of {_HEAD_NAMES} in "
+            raise ValueError(f"model: expected an output head named one of {HEAD_NAMES} in "
                              f"{type(model).__name__}, found none (pass attr='path.to.head')")
     parent_path, _, leaf = attr.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model

@@ -12,6 +12,7 @@ from typing import Iterable, List, Optional, Union
 import torch
 from torch import nn
 
+from fastpeft.families import bias_names, under
 from fastpeft.strategies._layers import find_head, param_layer_ids
 
 __all__ = ["freeze", "unfreeze", "freeze_blocks", "full_finetune", "partial_k", "bitfit",
@@ -88,24 +89,23 @@ def partial_k(model: nn.Module, k: int, blocks: Optional[str] = None) -> nn.Modu
 def bitfit(model: nn.Module, train_head: bool = True, head: Optional[str] = None) -> nn.Module:
     """BitFit: only bias terms train (every ``*.bias``, LayerNorm β included).
 
-    The output head (found as in :func:`fastpeft.strategies.replace_head`, or named by ``head``)
-    is fully trainable when ``train_head``, and fully frozen otherwise, so that the bias count
-    of the backbone matches the paper (ViT-B/16: 102,912). Returns the model.
+    The biases are :func:`fastpeft.families.bias_names` (the rule ``BitFitConfig`` uses too). The
+    output head (found as in :func:`fastpeft.strategies.replace_head`, or named by ``head``) is
+    fully trainable when ``train_head``, and fully frozen otherwise, so that the bias count of
+    the backbone matches the paper (ViT-B/16: 102,912). Returns the model.
     """
-    head_prefix = None
+    head_path = None
     try:
         parent, leaf, _ = find_head(model, head)
     except ValueError:
         if head is not None:
             raise
     else:
-        head_prefix = next(n for n, m in model.named_modules() if m is getattr(parent, leaf)) + "."
+        head_path = next(n for n, m in model.named_modules() if m is getattr(parent, leaf))
+    heads = [head_path] if head_path is not None else []
+    biases = set(bias_names(model, heads))
     for name, p in model.named_parameters():
-        in_head = head_prefix is not None and name.startswith(head_prefix)
-        if in_head:
-            p.requires_grad_(train_head)
-        else:
-            p.requires_grad_(name.rsplit(".", 1)[-1] == "bias")
+        p.requires_grad_(train_head if under(name, heads) else name in biases)
     return model
 
 

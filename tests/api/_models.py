@@ -6,8 +6,8 @@ from torch import nn
 
 
 
-from transformers import (BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,  # noqa: E402
-                          ViTConfig, ViTForImageClassification)
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,  # noqa: E402
+                          LlamaConfig, LlamaForCausalLM, ViTConfig, ViTForImageClassification)
 
 from fastpeft.models import ViT  # noqa: E402
 from fastpeft.models import ViTConfig as FViTConfig  # noqa: E402
@@ -35,6 +35,32 @@ def hf_vit():
     c = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                   image_size=16, patch_size=8, num_labels=3)
     return ViTForImageClassification(c).eval()
+
+
+def hf_gpt2():
+    torch.manual_seed(0)
+    c = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
+                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(c).eval()
+
+
+class CNN(nn.Module):
+    """A small conv net: two Conv2d layers (one strided), an embedding of a class token, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, input):
+        return self.fc(self.conv3(torch.relu(self.conv2(torch.relu(self.conv1(input))))).mean((2, 3)))
+
+
+def cnn():
+    torch.manual_seed(0)
+    return CNN().eval()
 
 
 def fp_vit(**kw):
@@ -81,20 +107,25 @@ FAMILIES = {
     "fp_bert": (fp_bert, lambda: dict(input_ids=_ids(), attention_mask=_mask()), lambda o: o),
     "mlp": (mlp, lambda: dict(input=torch.randn(3, 5, 12, generator=torch.Generator().manual_seed(3))),
             lambda o: o),
+    "hf_gpt2": (hf_gpt2, lambda: dict(input_ids=_ids(), attention_mask=_mask()), lambda o: o.logits),
+}
+#: families built on request only (not part of the every-family sweeps)
+EXTRA = {
+    "cnn": (cnn, lambda: dict(input=torch.randn(2, 3, 9, 9, generator=torch.Generator().manual_seed(4))), lambda o: o),
 }
 
 
 def run(family, model, **extra):
-    _, inputs, out = FAMILIES[family]
+    _, inputs, out = FAMILIES[family] if family in FAMILIES else EXTRA[family]
     kw = inputs()
-    if family == "mlp":
+    if family in ("mlp", "cnn"):
         return out(model(kw["input"]))
     kw.update(extra)
     return out(model(**kw))
 
 
 def build(family):
-    return FAMILIES[family][0]()
+    return (FAMILIES[family] if family in FAMILIES else EXTRA[family])[0]()
 
 
 def snapshot(model):

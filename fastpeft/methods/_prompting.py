@@ -1,0 +1,237 @@
+"""How prompt-learning methods feed a model (shared by prompt tuning, prefix tuning and VPT).
+
+* Hugging Face text models, as PEFT's forward feeds them: prompts concatenated to
+  ``inputs_embeds`` (ones prepended to the attention mask, -100 to causal-LM labels), prefixes
+  as a ``DynamicCache`` of per-layer keys/values.
+* ``generate`` with the same model inputs the forward sees, decoded with the KV cache: the
+  prompt / prefix positions are represented by ``P`` placeholder ids that HF's generation loop
+  treats as already consumed (prompt tuning: their embeddings are the prompts; prefix tuning:
+  they are the cache), and position ids are the forward's (``0 ..`` / ``P ..``, padding not
+  skipped), so greedy ``generate`` equals greedy decoding through the forward. The placeholders
+  are removed from the returned sequences.
+* HF ViT: prefixes through fastpeft's fused prefix attention in each attention module, visual
+  prompts inserted after the embeddings by forward hooks. Both are installed once and act only
+  while a ``PeftModel`` call with that adapter runs (a :class:`Feed` holds the live tensors).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastpeft.methods.base import Journal, first_param, get_module
+
+__all__ = ["bind", "Feed", "embeds_forward", "cache_forward", "prompt_generate", "install_attention_prefix",
+           "install_vpt_hooks", "input_embeddings"]
+
+
+def bind(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments of ``model.forward`` as keywords."""
+    if not args:
+        return dict(kwargs)
+    names = [n for n, p in inspect.signature(model.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def input_embeddings(model: nn.Module) -> nn.Module:
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings()
+    for n, m in model.named_modules():
+        if n == "embeddings.word_embeddings" or n.endswith(".embeddings.word_embeddings"):
+            return m
+    raise ValueError(f"{type(model).__name__}: found no input word embeddings for prompt tuning")
+
+
+def _cache_key(model: nn.Module) -> str:
+    """transformers >= 5.24 calls the KV cache argument ``cache`` (``past_key_values`` before)."""
+    for m in (model, getattr(model, "base_model", model)):
+        if "cache" in inspect.signature(m.forward).parameters:
+            return "cache"
+    return "past_key_values"
+
+
+def _hf_text_config(model):
+    c = model.config
+    return c.get_text_config() if hasattr(c, "get_text_config") else c
+
+
+def make_cache(model: nn.Module, layers):
+    from transformers import DynamicCache
+    dt = first_param(model).dtype
+    return DynamicCache([(k.to(dt), v.to(dt)) for k, v in layers], config=_hf_text_config(model))
+
+
+def _prepend_mask(mask: Optional[torch.Tensor], B: int, P: int, S: int, device) -> torch.Tensor:
+    if mask is None:
+        mask = torch.ones(B, S, dtype=torch.long, device=device)
+    return torch.cat([torch.ones(B, P, dtype=mask.dtype, device=mask.device), mask], dim=1)
+
+
+def embeds_forward(model, prompts: Callable[[int], torch.Tensor], P: int, task_type, call, kw: dict):
+    """Prompt tuning as ``peft.PeftModelFor*.forward``: ``[prompts ; embeds]``."""
+    input_ids, inputs_embeds = kw.pop("input_ids", None), kw.pop("inputs_embeds", None)
+    mask, labels = kw.pop("attention_mask", None), kw.pop("labels", None)
+    B = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+    if mask is not None:
+        mask = _prepend_mask(mask, B, P, mask.shape[1], mask.device)
+    if kw.get("token_type_ids") is not None:
+        kw["token_type_ids"] = None  # PEFT drops them: they would not cover the virtual tokens
+    kw.pop("position_ids", None)
+    if inputs_embeds is None:
+        inputs_embeds = input_embeddings(model)(input_ids)
+    if labels is not None:
+        if task_type == "CAUSAL_LM":
+            labels = torch.cat([torch.full((B, P), -100, dtype=labels.dtype, device=labels.device), labels], 1)
+        kw["labels"] = labels
+    embeds = torch.cat([prompts(B).to(inputs_embeds.dtype), inputs_embeds], dim=1)
+    return call(inputs_embeds=embeds, attention_mask=mask, **kw)
+
+
+def cache_forward(model, layers: Callable[[int], list], P: int, call, kw: dict):
+    """Prefix tuning as PEFT: per-layer prefixes as a ``DynamicCache`` in front of the tokens."""
+    input_ids, inputs_embeds, mask = kw.get("input_ids"), kw.get("inputs_embeds"), kw.pop("attention_mask", None)
+    B = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+    if mask is not None:
+        mask = _prepend_mask(mask, B, P, mask.shape[1], mask.device)
+    if kw.get("token_type_ids") is not None:
+        kw["token_type_ids"] = None
+    if kw.get("position_ids") is not None:
+        kw["position_ids"] = kw["position_ids"] + P
+    kw[_cache_key(model)] = make_cache(model, layers(B))
+    return call(attention_mask=mask, **kw)
+
+
+def prompt_generate(model, generate: Callable, kw: dict, P: int, prompts: Optional[Callable] = None,
+                    layers: Optional[Callable] = None):
+    """``model.generate`` with ``P`` virtual tokens in front: prompt embeddings (``prompts``) or
+    cached prefixes (``layers``); see the module docstring."""
+    input_ids, inputs_embeds = kw.pop("input_ids", None), kw.pop("inputs_embeds", None)
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("generate: expected input_ids or inputs_embeds")
+    ref = input_ids if input_ids is not None else inputs_embeds
+    B, S, dev = ref.shape[0], ref.shape[1], ref.device
+    mask = _prepend_mask(kw.pop("attention_mask", None), B, P, S, dev)
+    gc = getattr(model, "generation_config", None)
+    if "max_new_tokens" not in kw and getattr(gc, "max_new_tokens", None) is None:
+        kw["max_length"] = kw.get("max_length", getattr(gc, "max_length", None) or 20) + P
+    if kw.get("min_length"):
+        kw["min_length"] += P
+    pos = kw.pop("position_ids", None)
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        pos = torch.arange(P + S, device=dev).expand(B, -1) if pos is None else \
+            torch.cat([torch.arange(P, device=dev).expand(B, -1), pos + P], 1)
+        kw["position_ids"] = pos
+    kw.pop("token_type_ids", None)
+    fill = getattr(gc, "pad_token_id", None) or 0
+    ids = None if input_ids is None else torch.cat(
+        [torch.full((B, P), int(fill), dtype=input_ids.dtype, device=dev), input_ids], 1)
+    if prompts is not None:
+        embeds = inputs_embeds if inputs_embeds is not None else input_embeddings(model)(input_ids)
+        kw["inputs_embeds"] = torch.cat([prompts(B).to(embeds.dtype), embeds], 1)
+    else:
+        if ids is None:
+            raise ValueError("generate: prefix tuning needs input_ids")
+        beams = kw.get("num_beams", getattr(gc, "num_beams", 1)) or 1
+        expand = beams if beams > 1 else (kw.get("num_return_sequences", getattr(gc, "num_return_sequences", 1)) or 1)
+        kw[_cache_key(model)] = make_cache(model, layers(B * expand))
+    out = generate(input_ids=ids, attention_mask=mask, **kw)
+    if ids is None:
+        return out
+    if hasattr(out, "sequences"):
+        out.sequences = out.sequences[:, P:]
+        return out
+    return out[:, P:]
+
+
+# ---------------------------------------------------------------------------------------------
+# HF ViT: hooks that act while a Feed holds tensors
+# ---------------------------------------------------------------------------------------------
+class Feed:
+    """The tensors a hooked model reads during one ``PeftModel`` call (None otherwise)."""
+
+    def __init__(self):
+        self.value = None
+
+
+def _prefix_attention_forward(attn: nn.Module, feed: Feed, index: int, hidden_states, attention_mask=None,
+                              **kwargs):
+    """An HF ViT ``attention`` module with this call's prefix for layer ``index`` (fused op)."""
+    if feed.value is None:
+        return type(attn).forward(attn, hidden_states, attention_mask, **kwargs)
+    from fastpeft.ops.prefix_attention import prefix_attention
+    pk, pv = feed.value[index]
+    shape = (*hidden_states.shape[:-1], -1, attn.head_dim)
+    q = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
+    k = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
+    v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+    out = prefix_attention(q, k, v, pk.to(q.dtype), pv.to(q.dtype), attn_mask=attention_mask, scale=attn.scaling)
+    out = out.transpose(1, 2).reshape(*hidden_states.shape[:-1], -1)
+    return attn.o_proj(out), None
+
+
+def install_attention_prefix(model: nn.Module, fam, feed: Feed, journal: Journal) -> List[Callable]:
+    """Returns the uninstall callables (also recorded in ``journal``)."""
+    undo = []
+    layers = get_module(model, fam.layers)
+    for i, layer in enumerate(layers):
+        attn = get_module(layer, fam.attention_paths)
+        if "forward" in attn.__dict__:
+            raise ValueError(f"{fam.layers}.{i}.{fam.attention_paths}: already carries a prefix; one prefix-tuning "
+                             "adapter per model on this family")
+        attn.forward = functools.partial(_prefix_attention_forward, attn, feed, i)
+        undo.append(lambda attn=attn: attn.__dict__.pop("forward", None))
+        journal.on_undo(undo[-1])
+    return undo
+
+
+class _InsertPrompts:
+    """Forward hook on the embeddings: ``[CLS ; prompts_0 ; patches]``."""
+
+    def __init__(self, feed: Feed):
+        self.feed = feed
+
+    def __call__(self, module, args, out):
+        if self.feed.value is None:
+            return out
+        p = self.feed.value[0]
+        return torch.cat([out[:, :1], p.to(out.dtype), out[:, 1:]], dim=1)
+
+
+class _ReplacePrompts:
+    """Forward pre-hook on block ``i`` (deep VPT): prompt slots <- prompts_i."""
+
+    def __init__(self, feed: Feed, i: int):
+        self.feed, self.i = feed, i
+
+    def __call__(self, module, args):
+        if self.feed.value is None:
+            return None
+        x, p = args[0], self.feed.value[self.i]
+        x = torch.cat([x[:, :1], p.to(x.dtype), x[:, 1 + p.shape[1]:]], dim=1)
+        return (x, *args[1:])
+
+
+def install_vpt_hooks(model: nn.Module, fam, feed: Feed, deep: bool, journal: Journal) -> List[Callable]:
+    """Returns the uninstall callables (also recorded in ``journal``)."""
+    handles = [get_module(model, fam.embeddings).register_forward_hook(_InsertPrompts(feed))]
+    if deep:
+        for i, layer in enumerate(get_module(model, fam.layers)):
+            if i:
+                handles.append(layer.register_forward_pre_hook(_ReplacePrompts(feed, i)))
+    for h in handles:
+        journal.on_undo(h.remove)
+    return [h.remove for h in handles]
+
+
+def vpt_prompts(table: torch.Tensor, batch: int, p: float, training: bool) -> List[torch.Tensor]:
+    """Per-block prompts ``(B, P, D)`` (dropout per sample in training)."""
+    out = []
+    for t in table:
+        t = t.unsqueeze(0).expand(batch, -1, -1)
+        out.append(F.dropout(t, p, True) if training and p > 0 else t)
+    return out

@@ -1,0 +1,117 @@
+"""Prefix tuning (``peft_type`` "PREFIX_TUNING", Li & Liang): learned key/value prefixes for every
+attention layer, in PEFT's layout (:class:`fastpeft.PrefixEncoder`).
+
+How the prefixes reach the attention comes from the model-family table: fastpeft's ViT / BERT
+take them as ``prefix_kv`` (fused prefix attention, one prefix shared by the batch); HF ViT runs
+fastpeft's prefix attention in its attention modules; other HF models get them as PEFT does, a
+``DynamicCache`` of ``past_key_values`` (``generate`` included, KV cache and all).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+
+from fastpeft import families
+from fastpeft.config import _PromptConfig
+from fastpeft.methods import _prompting as feed
+from fastpeft.methods.base import Journal, PeftMethod, first_param, register_method
+from fastpeft.methods.prompt_tuning import fill_prompt_dims
+
+__all__ = ["PrefixTuningConfig", "PrefixTuningMethod"]
+
+
+@dataclass
+class PrefixTuningConfig(_PromptConfig):
+    """Prefix tuning: learned key/value prefixes for every attention layer.
+
+    ``prefix_projection``: reparametrise through a 2-layer MLP of width ``encoder_hidden_size``
+    while training; the checkpoint stores the projected prefixes (as PEFT does)."""
+    peft_type = "PREFIX_TUNING"
+    encoder_hidden_size: Optional[int] = None
+    prefix_projection: bool = False
+
+    @classmethod
+    def _unsupported(cls):
+        return {"init_weights": (None,)}
+
+
+@register_method
+class PrefixTuningMethod(PeftMethod):
+    config_class = PrefixTuningConfig
+
+    @classmethod
+    def prepare_config(cls, model, config):
+        return fill_prompt_dims(model, config, kv_heads=True)
+
+    def inject(self, journal: Journal, loading: bool = False) -> None:
+        from fastpeft.modules.prefix import PrefixEncoder
+
+        c, model = self.config, self.model
+        self.family = families.family_of(model)
+        if self.family.prefix is None:
+            raise ValueError(f"PrefixTuningConfig: no attention layers known in {type(model).__name__}")
+        w = first_param(model)
+        # a PEFT checkpoint in inference mode holds the projected table: no projection MLP then
+        projection = c.prefix_projection and not c.inference_mode
+        H = c.num_attention_heads
+        enc = PrefixEncoder(c.num_layers, H, c.token_dim // H, c.num_virtual_tokens, projection,
+                            encoder_hidden_size=c.encoder_hidden_size or c.token_dim, token_dim=c.token_dim,
+                            device=w.device, dtype=w.dtype)
+        self.pm.prompt_encoder[self.name] = enc
+        journal.on_undo(lambda: self.pm.prompt_encoder.pop(self.name))
+        self.feed, self._uninstall = feed.Feed(), []
+        if self.family.prefix == "attention":
+            self._uninstall = feed.install_attention_prefix(model, self.family, self.feed, journal)
+
+    @property
+    def encoder(self):
+        return self.pm.prompt_encoder[self.name]
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        # what PEFT saves as prompt_embeddings: the (projected) prefix table (P, num_layers·2·W)
+        return {"prompt_embeddings": self.encoder.table()[0]}
+
+    def parameters(self):
+        return list(self.encoder.parameters())
+
+    def load(self, tensors) -> None:
+        enc = self.encoder
+        with torch.no_grad():
+            if enc.prefix_projection:
+                enc.fold()  # the file holds projected prefixes: they become the plain table
+            enc.embedding.weight.copy_(tensors["prompt_embeddings"])
+
+    def config_dict(self) -> dict:
+        d = self.config.to_dict()
+        d["inference_mode"] = True  # the checkpoint holds the projected prefixes: readers must not re-project
+        return d
+
+    def delete(self) -> None:
+        for fn in self._uninstall:
+            fn()
+        self.pm.prompt_encoder.pop(self.name)
+
+    def wrap_forward(self, call, args, kwargs):
+        dt = first_param(self.model).dtype
+        kind = self.family.prefix
+        if kind == "native":
+            kw = dict(kwargs)
+            kw["prefix_kv"] = [(k.to(dt), v.to(dt)) for k, v in self.encoder()]  # Bp = 1
+            return call(*args, **kw)
+        if kind == "attention":
+            self.feed.value = self.encoder()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                self.feed.value = None
+        kw = feed.bind(self.model, args, kwargs)
+        return feed.cache_forward(self.model, lambda B: self.encoder(batch_size=B), self.config.num_virtual_tokens,
+                                  call, kw)
+
+    def generate(self, generate, kwargs):
+        if self.family.prefix != "cache":
+            raise ValueError(f"generate: prefix tuning on {self.family.name} models has no generation")
+        return feed.prompt_generate(self.model, generate, dict(kwargs), self.config.num_virtual_tokens,
+                                    layers=lambda B: self.encoder(batch_size=B))
