@@ -72,6 +72,11 @@ class PeftModel(nn.Module):
         object.__setattr__(self, "_init_journal", journal)
         self.set_adapter(adapter_name)
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_init_journal", None)  # undo closures of a construction in progress
+        return state
+
     # ---- delegation -------------------------------------------------------------------------
     @property
     def model(self) -> nn.Module:

@@ -26,7 +26,7 @@ from torch import nn
 from fastpeft.methods.base import Journal, first_param, get_module
 
 __all__ = ["bind", "Feed", "embeds_forward", "cache_forward", "prompt_generate", "install_attention_prefix",
-           "install_vpt_hooks", "input_embeddings"]
+           "install_vpt_hooks", "uninstall", "input_embeddings"]
 
 
 def bind(model: nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -174,9 +174,7 @@ def _prefix_attention_forward(attn: nn.Module, feed: Feed, index: int, hidden_st
     return attn.o_proj(out), None
 
 
-def install_attention_prefix(model: nn.Module, fam, feed: Feed, journal: Journal) -> List[Callable]:
-    """Returns the uninstall callables (also recorded in ``journal``)."""
-    undo = []
+def install_attention_prefix(model: nn.Module, fam, feed: Feed, journal: Journal) -> None:
     layers = get_module(model, fam.layers)
     for i, layer in enumerate(layers):
         attn = get_module(layer, fam.attention_paths)
@@ -184,9 +182,7 @@ def install_attention_prefix(model: nn.Module, fam, feed: Feed, journal: Journal
             raise ValueError(f"{fam.layers}.{i}.{fam.attention_paths}: already carries a prefix; one prefix-tuning "
                              "adapter per model on this family")
         attn.forward = functools.partial(_prefix_attention_forward, attn, feed, i)
-        undo.append(lambda attn=attn: attn.__dict__.pop("forward", None))
-        journal.on_undo(undo[-1])
-    return undo
+    journal.on_undo(lambda: uninstall(model, feed))
 
 
 class _InsertPrompts:
@@ -216,16 +212,25 @@ class _ReplacePrompts:
         return (x, *args[1:])
 
 
-def install_vpt_hooks(model: nn.Module, fam, feed: Feed, deep: bool, journal: Journal) -> List[Callable]:
-    """Returns the uninstall callables (also recorded in ``journal``)."""
-    handles = [get_module(model, fam.embeddings).register_forward_hook(_InsertPrompts(feed))]
+def install_vpt_hooks(model: nn.Module, fam, feed: Feed, deep: bool, journal: Journal) -> None:
+    get_module(model, fam.embeddings).register_forward_hook(_InsertPrompts(feed))
     if deep:
         for i, layer in enumerate(get_module(model, fam.layers)):
             if i:
-                handles.append(layer.register_forward_pre_hook(_ReplacePrompts(feed, i)))
-    for h in handles:
-        journal.on_undo(h.remove)
-    return [h.remove for h in handles]
+                layer.register_forward_pre_hook(_ReplacePrompts(feed, i))
+    journal.on_undo(lambda: uninstall(model, feed))
+
+
+def uninstall(model: nn.Module, feed: Feed) -> None:
+    """Remove every hook / attention override reading ``feed`` (found again, not remembered, so
+    copies and unpickled models remove their own)."""
+    for m in model.modules():
+        fwd = m.__dict__.get("forward")
+        if isinstance(fwd, functools.partial) and feed in fwd.args:
+            del m.__dict__["forward"]
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for k in [k for k, h in hooks.items() if getattr(h, "feed", None) is feed]:
+                del hooks[k]
 
 
 def vpt_prompts(table: torch.Tensor, batch: int, p: float, training: bool) -> List[torch.Tensor]:

@@ -61,9 +61,9 @@ class PrefixTuningMethod(PeftMethod):
                             device=w.device, dtype=w.dtype)
         self.pm.prompt_encoder[self.name] = enc
         journal.on_undo(lambda: self.pm.prompt_encoder.pop(self.name))
-        self.feed, self._uninstall = feed.Feed(), []
+        self.feed = feed.Feed()
         if self.family.prefix == "attention":
-            self._uninstall = feed.install_attention_prefix(model, self.family, self.feed, journal)
+            feed.install_attention_prefix(model, self.family, self.feed, journal)
 
     @property
     def encoder(self):
@@ -89,8 +89,7 @@ class PrefixTuningMethod(PeftMethod):
         return d
 
     def delete(self) -> None:
-        for fn in self._uninstall:
-            fn()
+        feed.uninstall(self.model, self.feed)
         self.pm.prompt_encoder.pop(self.name)
 
     def wrap_forward(self, call, args, kwargs):

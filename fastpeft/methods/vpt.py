@@ -58,7 +58,7 @@ class VPTMethod(PeftMethod):
 
         c, model = self.config, self.model
         self.family = families.family_of(model)
-        self._uninstall = []
+        self.feed = feed.Feed()
         if self.family.vpt == "native":
             n_prefix = model.num_prefix_tokens
             journal.on_undo(lambda: setattr(model, "num_prefix_tokens", n_prefix))
@@ -73,8 +73,7 @@ class VPTMethod(PeftMethod):
             w = first_param(model)
             bound = vpt_init_bound(hc.patch_size, hc.hidden_size, getattr(hc, "num_channels", 3))
             enc = VisualPrompts(n_sets, c.num_prompts, hc.hidden_size, bound, device=w.device, dtype=w.dtype)
-            self.feed = feed.Feed()
-            self._uninstall = feed.install_vpt_hooks(model, self.family, self.feed, c.deep, journal)
+            feed.install_vpt_hooks(model, self.family, self.feed, c.deep, journal)
         else:
             raise ValueError(f"VPTConfig: needs a ViT (fastpeft.models.ViT or a Hugging Face ViT), got "
                              f"{type(model).__name__}")
@@ -89,8 +88,7 @@ class VPTMethod(PeftMethod):
         return {"prompt_embeddings": self.encoder.prompt_embeddings}
 
     def delete(self) -> None:
-        for fn in self._uninstall:
-            fn()
+        feed.uninstall(self.model, self.feed)
         self.pm.prompt_encoder.pop(self.name)
 
     def wrap_forward(self, call, args, kwargs):
