@@ -50,6 +50,21 @@ def _bench(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bench: --device cuda requested but no CUDA device is available", file=sys.stderr)
         return 2
+    if device.type == "cpu" and not args.allow_reference:
+        from fastpeft._backend import FAMILIES, select_backend, why_not
+
+        try:
+            ref = [f for f in FAMILIES if select_backend(f, device) == "reference"]
+        except RuntimeError as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
+        if ref:
+            why = ("FASTPEFT_BACKEND=reference" if os.environ.get("FASTPEFT_BACKEND") == "reference"
+                   else why_not("cpu", ref[0], device))
+            print(f"bench: fastpeft's {', '.join(ref)} would run on the reference backend here ({why}); "
+                  "refusing to publish those numbers as fastpeft's. Fix the C++ backend (`python -m fastpeft "
+                  "info`), or pass --allow-reference to time the reference on purpose.", file=sys.stderr)
+            return 2
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}[args.dtype]
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -120,6 +135,8 @@ def main(argv=None, allow_reexec: bool = False) -> int:
                    help="CPU: 'thp' (default) re-runs the command with THP_MEM_ALLOC_ENABLE=1 so every "
                         "provider's large outputs get fresh huge-page-advised memory instead of whatever "
                         "the heap recycled (see THP_ENV in fastpeft/__main__.py); 'default' keeps glibc's heap")
+    b.add_argument("--allow-reference", action="store_true",
+                   help="CPU: run even when fastpeft's ops would use the reference backend (refused by default)")
     sub.add_parser("demo", help="fine-tune a tiny ViT on real digits with every method (see demo --help)")
     args = p.parse_args(argv)
     if args.cmd == "info":
