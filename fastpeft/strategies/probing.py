@@ -1,6 +1,8 @@
-"""Linear (or MLP-k) probing of a frozen backbone, and a feature cache that runs it only once."""
+"""Linear (or MLP-k) probing of a frozen backbone, and a feature cache that runs it only once
+(and can be saved to disk and reloaded)."""
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable, List, Optional, Union
 
 import torch
@@ -10,7 +12,9 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from fastpeft.strategies.freezing import freeze
 
-__all__ = ["pool_tokens", "LinearProbe", "FeatureCache"]
+__all__ = ["pool_tokens", "tokens_of", "LinearProbe", "FeatureCache"]
+
+POOLS = ("cls", "mean", "last")
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str = "cls", num_prefix_tokens: int = 1,
@@ -19,14 +23,30 @@ def pool_tokens(tokens: torch.Tensor, pool: str = "cls", num_prefix_tokens: int 
 
     ``"cls"``: token 0. ``"mean"``: mean of ``tokens[:, num_prefix_tokens:]``, so [CLS] and
     prompt tokens never count; ``mask`` ``(B, T - num_prefix_tokens)`` (1 = real token) restricts
-    the mean to real tokens (text padding).
+    the mean to real tokens (text padding). ``"last"``: the last real token of each row (decoder-only
+    models: the token that has seen the whole input); ``mask`` ``(B, T)`` or ``(B, T -
+    num_prefix_tokens)`` marks real tokens (left or right padding), none means the last position.
     """
     if tokens.dim() != 3:
         raise ValueError(f"tokens: expected shape (B, T, D), got {tuple(tokens.shape)}")
     if pool == "cls":
         return tokens[:, 0]
+    if pool == "last":
+        if mask is None:
+            return tokens[:, -1]
+        B, T = tokens.shape[:2]
+        if mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] not in (T, T - num_prefix_tokens):
+            raise ValueError(f"mask: expected shape ({B}, {T}) or ({B}, {T - num_prefix_tokens}), got "
+                             f"{tuple(mask.shape)}")
+        real = mask.to(torch.bool)
+        if real.shape[1] != T:  # prefix / prompt tokens in front are never padding
+            real = torch.cat([real.new_ones(B, T - real.shape[1]), real], 1)
+        if not real.any(1).all():
+            raise ValueError("mask: every row needs at least one real token")
+        last = T - 1 - real.flip(1).to(torch.int8).argmax(1)
+        return tokens[torch.arange(B, device=tokens.device), last.to(tokens.device)]
     if pool != "mean":
-        raise ValueError(f"pool: expected 'cls' or 'mean', got {pool!r}")
+        raise ValueError(f"pool: expected one of {POOLS}, got {pool!r}")
     body = tokens[:, num_prefix_tokens:]
     if body.shape[1] == 0:
         raise ValueError(f"num_prefix_tokens: expected fewer than T={tokens.shape[1]} tokens, got {num_prefix_tokens}")
@@ -39,13 +59,23 @@ def pool_tokens(tokens: torch.Tensor, pool: str = "cls", num_prefix_tokens: int 
     return (body * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
 
 
-def _default_tokens(backbone: nn.Module, *args, **kwargs) -> torch.Tensor:
+def tokens_of(backbone: nn.Module, *args, **kwargs) -> torch.Tensor:
+    """The backbone's token features: ``forward_features`` (fastpeft / timm ViT), else
+    ``last_hidden_state`` (fastpeft BERT, HF models; a HF model with a task head, e.g.
+    ``LlamaForCausalLM``, runs its ``base_model``), else its first output."""
     if hasattr(backbone, "forward_features"):  # fastpeft / timm ViT: normed tokens
         return backbone.forward_features(*args, **kwargs)
+    inner = getattr(backbone, "base_model", None)
+    if isinstance(inner, nn.Module) and inner is not backbone and hasattr(backbone, "get_input_embeddings") \
+            and type(backbone).__module__.startswith("transformers"):
+        backbone = inner  # skip the task head: its hidden states are what probing wants
     out = backbone(*args, **kwargs)
     if hasattr(out, "last_hidden_state"):  # fastpeft BERT, HF models
         return out.last_hidden_state
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+_default_tokens = tokens_of
 
 
 class LinearProbe(nn.Module):
@@ -55,7 +85,7 @@ class LinearProbe(nn.Module):
         backbone: model returning tokens ``(B, T, D)`` from ``forward_features`` (ViT) or as
             ``last_hidden_state`` / first output (BERT, HF); frozen and kept in eval mode.
         num_classes: outputs of the default head, a zero-initialised ``nn.Linear(dim, num_classes)``.
-        pool: ``"cls"`` or ``"mean"`` (see :func:`pool_tokens`).
+        pool: ``"cls"``, ``"mean"`` or ``"last"`` (decoder-only models; see :func:`pool_tokens`).
         num_prefix_tokens: tokens before the content skipped by mean pooling; None reads
             ``backbone.num_prefix_tokens`` at every call (VPT raises it), else 0.
         head: a head module to use instead (e.g. :class:`MLPHead` for MLP-k probing).
@@ -70,8 +100,8 @@ class LinearProbe(nn.Module):
                  num_prefix_tokens: Optional[int] = None, head: Optional[nn.Module] = None,
                  dim: Optional[int] = None, tokens_fn: Optional[Callable[..., torch.Tensor]] = None):
         super().__init__()
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool: expected 'cls' or 'mean', got {pool!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool: expected one of {POOLS}, got {pool!r}")
         self.backbone = backbone
         self.pool, self._num_prefix_tokens = pool, num_prefix_tokens
         self.tokens_fn = tokens_fn or _default_tokens
@@ -106,15 +136,33 @@ class LinearProbe(nn.Module):
     @torch.no_grad()
     def features(self, *args, **kwargs) -> torch.Tensor:
         """Pooled backbone features ``(B, D)`` (no autograd graph: the backbone is frozen)."""
-        mask = kwargs.get("attention_mask") if self.pool == "mean" else None
+        mask = kwargs.get("attention_mask") if self.pool in ("mean", "last") else None
         tokens = self.tokens_fn(self.backbone, *args, **kwargs)
         n = self.num_prefix_tokens
+        if self.pool == "last":
+            return pool_tokens(tokens, "last", n, mask)
         if mask is not None and mask.shape[1] != tokens.shape[1] - n:
             mask = None if mask.shape[1] != tokens.shape[1] else mask[:, n:]
         return pool_tokens(tokens, self.pool, n, mask)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         return self.head(self.features(*args, **kwargs))
+
+
+_FORMAT = "fastpeft.FeatureCache/1"
+
+
+def _read(path: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated / not a torch file
+        raise ValueError(f"{path}: not a readable feature cache ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not a fastpeft feature cache (format {_FORMAT!r})")
+    f, y = state.get("features"), state.get("labels")
+    if not isinstance(f, torch.Tensor) or not isinstance(y, torch.Tensor) or f.dim() != 2 or len(f) != len(y):
+        raise ValueError(f"{path}: expected features (N, D) and labels (N,)")
+    return state
 
 
 def _batches(data, batch_size: int) -> Iterable:
@@ -136,14 +184,26 @@ class FeatureCache:
             arguments for the backbone (e.g. BERT's ``input_ids`` / ``attention_mask``).
         labels: ``(N,)`` labels when ``data`` is a tensor of inputs.
         device: where ``features (N, D)`` and ``labels (N,)`` are kept (the features' device when None).
+        path: a file to keep the cache in: when it exists (and its ``key`` matches) the features
+            are read from it and the backbone does not run; otherwise they are computed and
+            written there (:meth:`save` / :meth:`load` do the same by hand).
+        key: any string identifying backbone + data (e.g. a checkpoint name); a cache file
+            written with another key is recomputed.
     """
 
     def __init__(self, probe: Union[LinearProbe, Callable[..., torch.Tensor]], data: Union[Dataset, Iterable, torch.Tensor],
                  labels: Optional[torch.Tensor] = None, batch_size: int = 256,
-                 device: Optional[Union[str, torch.device]] = None):
+                 device: Optional[Union[str, torch.device]] = None, path: Optional[str] = None,
+                 key: Optional[str] = None):
         if not callable(probe):
             raise ValueError(f"probe: expected a LinearProbe or a features callable, got {type(probe).__name__}")
         self.probe = probe if isinstance(probe, LinearProbe) else None
+        self.key = key
+        if path is not None and os.path.isfile(path):
+            state = _read(path)
+            if state.get("key") == key:
+                self._set(state, device)
+                return
         if isinstance(probe, LinearProbe):
             features_fn = probe.features
         else:
@@ -170,6 +230,34 @@ class FeatureCache:
             raise ValueError("data: expected at least one batch, got none")
         self.features = torch.cat(feats)
         self.labels = torch.cat(ys)
+        if path is not None:
+            self.save(path)
+
+    # ---- on disk ----------------------------------------------------------------------------
+    def save(self, path: str) -> None:
+        """Write ``features``, ``labels`` and ``key`` to ``path`` (atomically: a partly written
+        file never replaces a good one)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save({"format": _FORMAT, "features": self.features.detach().cpu(), "labels": self.labels.cpu(),
+                    "key": self.key}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str, probe: Optional[LinearProbe] = None,
+             device: Optional[Union[str, torch.device]] = None) -> "FeatureCache":
+        """A cache read from ``path`` (``probe``: the LinearProbe whose head ``fit`` trains)."""
+        obj = cls.__new__(cls)
+        obj.probe = probe if isinstance(probe, LinearProbe) else None
+        state = _read(path)
+        obj.key = state.get("key")
+        obj._set(state, device)
+        return obj
+
+    def _set(self, state: dict, device) -> None:
+        self.features, self.labels = state["features"], state["labels"]
+        if device is not None:
+            self.features, self.labels = self.features.to(device), self.labels.to(device)
 
     def __len__(self) -> int:
         return self.features.shape[0]
