@@ -166,20 +166,32 @@ std::optional<Tensor> opt_f32(const std::optional<Tensor>& t) {
 // ---------------------------------------------------------------------------------------------
 // Where the frozen GEMM runs (see the header): per outer block inside the rank pass (blocked),
 // or one multi-threaded call after it; and which library runs it (gemm.h).
+// And how the rank-r products run: the register-blocked kernels of rank_kernels.h (when r
+// fills whole vectors) or single-threaded BLAS calls per block (any r). Name:
+// "<lib>[+blocked]|<micro|blas>", e.g. "onednn+blocked|micro".
 struct Cfg {
   fastpeft::Lib lib;
   bool blocked;
-  std::string name() const { return std::string(fastpeft::lib_name(lib)) + (blocked ? "+blocked" : ""); }
+  bool blas_rank;
+  std::string name() const {
+    return std::string(fastpeft::lib_name(lib)) + (blocked ? "+blocked" : "") + (blas_rank ? "|blas" : "|micro");
+  }
 };
 
-// The configurations allowed here for dtype st, the default (untuned) one first.
-std::vector<Cfg> candidates(at::ScalarType st) {
+// The configurations allowed here for dtype st and rank r, the default (untuned) one first.
+template <typename T>
+std::vector<Cfg> candidates(at::ScalarType st, int64_t r) {
   const auto libs = fastpeft::allowed_libs(st);
+  std::vector<std::pair<fastpeft::Lib, bool>> places;
+  if (libs.aten) places.push_back({fastpeft::Lib::Aten, false});
+  if (libs.onednn) places.push_back({fastpeft::Lib::OneDnn, true});
+  if (libs.onednn) places.push_back({fastpeft::Lib::OneDnn, false});
+  if (libs.aten) places.push_back({fastpeft::Lib::Aten, true});
   std::vector<Cfg> out;
-  if (libs.aten) out.push_back({fastpeft::Lib::Aten, false});
-  if (libs.onednn) out.push_back({fastpeft::Lib::OneDnn, true});
-  if (libs.onednn) out.push_back({fastpeft::Lib::OneDnn, false});
-  if (libs.aten) out.push_back({fastpeft::Lib::Aten, true});
+  for (bool blas_rank : {false, true}) {
+    if (!blas_rank && rank_vb<T>(r) == 0) continue;
+    for (const auto& pl : places) out.push_back({pl.first, pl.second, blas_rank});
+  }
   return out;
 }
 
@@ -198,10 +210,9 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
   const uint32_t thr = drop ? dropout_threshold(p) : 0u;
   const T dscale = static_cast<T>(1.0 / (1.0 - p));
   const Tensor At = A.t(), Bt = B.t();
-  // Micro-kernel path: packed Aᵀ (K×r) and Bᵀ (r×N), tiny copies.
-  const int vb = rank_vb<T>(r);
-  const bool fast = vb != 0;
-  const Tensor ATc = fast ? At.contiguous() : Tensor(), BTc = fast ? Bt.contiguous() : Tensor();
+  // Packed Aᵀ (K×r) and Bᵀ (r×N), tiny copies; vb = 0: the rank-r products go to BLAS.
+  const int vb = cfg.blas_rank ? 0 : rank_vb<T>(r);
+  const Tensor ATc = At.contiguous(), BTc = Bt.contiguous();
   const Tensor bc = has_bias ? bias->contiguous() : Tensor();
 
   // Blocked: y_blk += x_blk·Wᵀ runs inside the parallel pass, per 512-column tile right after
@@ -235,12 +246,11 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
               X = xd_ptr;
               ldx = K;
             }
-            if (fast) {
-              FASTPEFT_RANK_SWITCH(T, vb, r, rowvec<T, VB, NV>(rows, K, X, ldx, ATc.data_ptr<T>(), T(1),
-                                                               t.data_ptr<T>() + i0 * r, r));
+            T* tb = t.data_ptr<T>() + i0 * r;
+            if (vb) {
+              FASTPEFT_RANK_SWITCH(T, vb, r, rowvec<T, VB, NV>(rows, K, X, ldx, ATc.data_ptr<T>(), T(1), tb, r));
             } else {
-              Tensor tb = t.narrow(0, i0, rows);
-              at::mm_out(tb, X == xd_ptr ? xd.narrow(0, 0, rows) : x.narrow(0, i0, rows), At);
+              rowvec_blas<T>(rows, K, r, X, ldx, ATc.data_ptr<T>(), T(1), tb, r);
             }
           }
           // ... then y column tile by column tile: y_tile = b + s·t·Bᵀ (this write replaces the
@@ -249,15 +259,14 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
           const int64_t nc = blocked ? std::min<int64_t>(N, 512) : N;
           for (int64_t j0 = 0; j0 < N; j0 += nc) {
             const int64_t cols = std::min(nc, N - j0);
-            if (fast) {
+            const T* bj = has_bias ? bc.data_ptr<T>() + j0 : nullptr;
+            T* yt = y.data_ptr<T>() + o0 * N + j0;
+            if (vb) {
               outer<T, kOuterVB>(orows, cols, r, t.data_ptr<T>() + o0 * r, r, static_cast<T>(scaling),
-                                 BTc.data_ptr<T>() + j0, N, has_bias ? bc.data_ptr<T>() + j0 : nullptr,
-                                 y.data_ptr<T>() + o0 * N + j0, N);
+                                 BTc.data_ptr<T>() + j0, N, bj, yt, N);
             } else {
-              Tensor yt = y.narrow(0, o0, orows).narrow(1, j0, cols), tb = t.narrow(0, o0, orows);
-              Tensor Bc = Bt.narrow(1, j0, cols);
-              if (has_bias) at::addmm_out(yt, bias->narrow(0, j0, cols), tb, Bc, 1.0, scaling);
-              else at::addmm_out(yt, yt, tb, Bc, 0.0, scaling);  // beta 0: yt's contents are ignored
+              outer_blas<T>(orows, cols, r, t.data_ptr<T>() + o0 * r, r, static_cast<T>(scaling),
+                            BTc.data_ptr<T>() + j0, N, bj, yt, N);
             }
             if (blocked) fastpeft::gemm(x.narrow(0, o0, orows), Wt.narrow(1, j0, cols),
                                         y.narrow(0, o0, orows).narrow(1, j0, cols), 1.0, 1.0, cfg.lib);
@@ -302,11 +311,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     const int64_t nblk = (M + gb - 1) / gb;
     const int64_t nch = num_chunks(nblk);
     // Per-chunk partial sums of the two reductions over rows (tiny: r×(K+N) each).
-    const int vb = rank_vb<T>(r);
-    const bool fast = vb != 0;
-    // Fast path accumulates dAᵀ (K×r) so both reductions share one kernel; BLAS path dA (r×K).
-    Tensor dA_part = fast ? at::zeros({nch, K, r}, opts) : at::zeros({nch, r, K}, opts);
-    const Tensor Bc = fast ? B.contiguous() : Tensor(), Ac = fast ? A.contiguous() : Tensor();
+    const int vb = cfg.blas_rank ? 0 : rank_vb<T>(r);
+    // dAᵀ (K×r) is accumulated, so both reductions have the same form (acct).
+    Tensor dA_part = at::zeros({nch, K, r}, opts);
+    const Tensor Bc = B.contiguous(), Ac = A.contiguous();
     const T* dyp = dy.data_ptr<T>();
     const int64_t ldy = dy.stride(0);
     Tensor dB_part = at::zeros({nch, N, r}, opts);
@@ -316,59 +324,47 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
       // Dispatch TLS is per thread: worker threads must skip autograd (A may require grad).
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      Tensor xd = (drop || (fast && sx1 != 1)) ? at::empty({br, K}, opts) : Tensor();
+      Tensor xd = (drop || sx1 != 1) ? at::empty({br, K}, opts) : Tensor();
       std::vector<uint8_t> keep(drop && need_x ? static_cast<size_t>(br * K) : 0);
-      std::vector<T> ts(fast ? static_cast<size_t>(br * r) : 0);
+      std::vector<T> ts(static_cast<size_t>(br * r));
       for (int64_t c = c0; c < c1; ++c) {
         Tensor dAc = dA_part[c], dBc = dB_part[c];
         for (int64_t ob = nblk * c / nch; ob < nblk * (c + 1) / nch; ++ob) {
          const int64_t o0 = ob * gb, orows = std::min(gb, M - o0);
          for (int64_t i0 = o0; i0 < o0 + orows; i0 += br) {
           const int64_t rows = std::min(br, o0 + orows - i0);
-          if (fast) {
-            const T* dyb = dyp + i0 * ldy;
-            T* dtb = dt.data_ptr<T>() + i0 * r;
-            const T* tb = t.data_ptr<T>() + i0 * t.stride(0);
-            const T sc = static_cast<T>(scaling);
-            for (int64_t a = 0; a < rows; ++a)
-              for (int64_t k = 0; k < r; ++k) ts[a * r + k] = sc * tb[a * t.stride(0) + k];
-            const T* X = xp + i0 * sx0;
-            int64_t ldx = sx0;
-            if (drop || sx1 != 1) {
-              dropout_rows<T>(sd, drop ? thr : 0u, drop ? dscale : T(1), i0, rows, K, X, sx0, sx1,
-                              xd.data_ptr<T>(), drop && need_x ? keep.data() : nullptr);
-              X = xd.data_ptr<T>();
-              ldx = K;
-            }
+          const T* dyb = dyp + i0 * ldy;
+          T* dtb = dt.data_ptr<T>() + i0 * r;
+          const T* tb = t.data_ptr<T>() + i0 * t.stride(0);
+          const T sc = static_cast<T>(scaling);
+          for (int64_t a = 0; a < rows; ++a)
+            for (int64_t k = 0; k < r; ++k) ts[a * r + k] = sc * tb[a * t.stride(0) + k];
+          const T* X = xp + i0 * sx0;
+          int64_t ldx = sx0;
+          if (drop || sx1 != 1) {
+            dropout_rows<T>(sd, drop ? thr : 0u, drop ? dscale : T(1), i0, rows, K, X, sx0, sx1,
+                            xd.data_ptr<T>(), drop && need_x ? keep.data() : nullptr);
+            X = xd.data_ptr<T>();
+            ldx = K;
+          }
+          T* dBp = dBc.data_ptr<T>();
+          T* dAp = dAc.data_ptr<T>();
+          if (vb) {
             FASTPEFT_RANK_SWITCH(T, vb, r, {
-              rowvec<T, VB, NV>(rows, N, dyb, ldy, Bc.data_ptr<T>(), sc, dtb, r);     // dt = s·dy·B
-              acct<T, VB, NV>(rows, N, dyb, ldy, ts.data(), dBc.data_ptr<T>());       // dB += dyᵀ·(s·t)
-              acct<T, VB, NV>(rows, K, X, ldx, dtb, dAc.data_ptr<T>());               // dAᵀ += drop(x)ᵀ·dt
+              rowvec<T, VB, NV>(rows, N, dyb, ldy, Bc.data_ptr<T>(), sc, dtb, r);  // dt = s·dy·B
+              acct<T, VB, NV>(rows, N, dyb, ldy, ts.data(), dBp);                  // dB += dyᵀ·(s·t)
+              acct<T, VB, NV>(rows, K, X, ldx, dtb, dAp);                          // dAᵀ += drop(x)ᵀ·dt
             });
-            if (need_x) {
-              T* dxb = dx.data_ptr<T>() + i0 * K;
-              outer<T, kOuterVB>(rows, K, r, dtb, r, T(1), Ac.data_ptr<T>(), K, nullptr, dxb, K);  // dx_blk = dt·A ...
-              if (drop) apply_keep<T>(dxb, keep.data(), rows * K, dscale);                         // ... ⊙ mask/(1-p)
-            }
-            continue;
-          }
-          const Tensor dyb = dy.narrow(0, i0, rows);
-          Tensor dtb = dt.narrow(0, i0, rows);
-          at::addmm_out(dtb, dtb, dyb, B, 0.0, scaling);         // dt = s·dy·B (beta 0)
-          dBc.addmm_(dyb.t(), t.narrow(0, i0, rows), 1.0, scaling);  // dB += s·dyᵀ·t
-          Tensor src;
-          if (drop) {
-            dropout_rows<T>(sd, thr, dscale, i0, rows, K, xp + i0 * sx0, sx0, sx1, xd.data_ptr<T>(),
-                            need_x ? keep.data() : nullptr);
-            src = xd.narrow(0, 0, rows);
           } else {
-            src = x.narrow(0, i0, rows);
+            rowvec_blas<T>(rows, N, r, dyb, ldy, Bc.data_ptr<T>(), sc, dtb, r);
+            acct_blas<T>(rows, N, r, dyb, ldy, ts.data(), dBp);
+            acct_blas<T>(rows, K, r, X, ldx, dtb, dAp);
           }
-          dAc.addmm_(dtb.t(), src);                               // dA += dtᵀ·drop(x)
           if (need_x) {
-            Tensor dxb = dx.narrow(0, i0, rows);
-            at::mm_out(dxb, dtb, A);                              // dx_blk = dt·A ...
-            if (drop) apply_keep<T>(dxb.data_ptr<T>(), keep.data(), rows * K, dscale);  // ... ⊙ mask/(1-p)
+            T* dxb = dx.data_ptr<T>() + i0 * K;
+            if (vb) outer<T, kOuterVB>(rows, K, r, dtb, r, T(1), Ac.data_ptr<T>(), K, nullptr, dxb, K);  // dx_blk = dt·A ...
+            else outer_blas<T>(rows, K, r, dtb, r, T(1), Ac.data_ptr<T>(), K, nullptr, dxb, K);
+            if (drop) apply_keep<T>(dxb, keep.data(), rows * K, dscale);  // ... ⊙ mask/(1-p)
           }
          }
          // dx_blk += dy_blk·W (not column-tiled: a column slice of W is neither row- nor
@@ -378,8 +374,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
       }
     });
     // Fixed chunks summed in chunk order: the same bits on every call with this thread count.
-    dA = nch == 1 ? dA_part[0] : dA_part.sum(0);
-    if (fast) dA = dA.t().contiguous();
+    dA = (nch == 1 ? dA_part[0] : dA_part.sum(0)).t().contiguous();
     dB = nch == 1 ? dB_part[0] : dB_part.sum(0);
     if (need_x && !blocked) fastpeft::gemm(dy, weight, dx, 1.0, 1.0, cfg.lib);  // dx += dy·W (multi-threaded)
   }
@@ -390,15 +385,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   return {dx, dW, db, dA, dB};
 }
 
-// Shape class of a call, for tune.h.
+// Shape class of a call, for tune.h (with the libraries allowed: a FASTPEFT_CPU_GEMM or
+// torch.backends.mkldnn change is a new class).
 std::string tune_key(const char* op, const Tensor& x, int64_t M, int64_t K, int64_t N, int64_t r, double p,
                      const std::vector<Cfg>& cands) {
-  std::string k = std::string(op) + " " + c10::toString(x.scalar_type()) + " M~" +
-                  std::to_string(fastpeft::row_class(M)) + " K=" + std::to_string(K) + " N=" + std::to_string(N) +
-                  " r=" + std::to_string(r) + (p > 0.0 ? " drop" : "") + " threads=" +
-                  std::to_string(at::get_num_threads()) + " [";
-  for (size_t i = 0; i < cands.size(); ++i) k += (i ? "," : "") + cands[i].name();
-  return k + "]";
+  bool aten = false, dnn = false;
+  for (const auto& c : cands) (c.lib == fastpeft::Lib::OneDnn ? dnn : aten) = true;
+  return std::string(op) + " " + c10::toString(x.scalar_type()) + " M~" + std::to_string(fastpeft::row_class(M)) +
+         " K=" + std::to_string(K) + " N=" + std::to_string(N) + " r=" + std::to_string(r) + (p > 0.0 ? " drop" : "") +
+         " threads=" + std::to_string(at::get_num_threads()) + (aten ? " aten" : "") + (dnn ? " onednn" : "");
 }
 
 std::vector<std::string> names_of(const std::vector<Cfg>& cands) {
@@ -428,9 +423,9 @@ std::tuple<Tensor, Tensor> lora_fwd(const Tensor& x, const Tensor& weight, const
     return {y.to(x.scalar_type()), t.to(x.scalar_type())};
   }
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
-  const auto cands = candidates(x.scalar_type());
   std::tuple<Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_fwd", [&] {
+    const auto cands = candidates<scalar_t>(x.scalar_type(), r);
     auto run = [&](int i) { return fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, cands[i]); };
     const int pick = fastpeft::tuned_choice(tune_key("lora_fwd", x, M, K, N, r, dropout_p, cands), names_of(cands),
                                             static_cast<double>(M) * K * N, [&](int i) { run(i); });
@@ -458,9 +453,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_bwd(
     return {dx.to(st), dW.to(st), db.to(st), dA.to(st), dB.to(st)};
   }
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
-  const auto cands = candidates(x.scalar_type());
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_bwd", [&] {
+    const auto cands = candidates<scalar_t>(x.scalar_type(), r);
     auto run = [&](int i) {
       return bwd_impl<scalar_t>(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_x, need_weight,
                                 need_bias, cands[i]);

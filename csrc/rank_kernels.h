@@ -5,8 +5,23 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "blas.h"
+
 namespace fastpeft {
 namespace rk {
+
+// Vector registers the kernels may fill with accumulators: AVX-512 has 32 (zmm or ymm), AVX2 16.
+#ifdef __AVX512F__
+constexpr int kRegs = 32;
+#else
+constexpr int kRegs = 16;
+#endif
+// Rows (rowvec) or columns (acct) per register block for r = NV vectors: RB·NV accumulators
+// plus NV loaded vectors, leaving a few registers for addresses and broadcasts.
+template <int NV>
+constexpr int rank_block() {
+  return kRegs == 32 ? (NV == 1 ? 16 : NV == 2 ? 12 : NV == 4 ? 6 : 3) : (NV <= 2 ? 8 : NV <= 4 ? 5 : 2);
+}
 
 // Rank-r micro-kernels. BLAS runs the k = r (= 16) GEMMs at ~45% of peak (packing dominates);
 // these register-blocked loops (GCC vector extensions, FMA-contracted) make the LoRA path cost
@@ -50,7 +65,7 @@ inline void rowvec_rows(int64_t L, const T* X, int64_t ldx, const T* P, T alpha,
 
 template <typename T, int VB, int NV>
 void rowvec(int64_t R, int64_t L, const T* X, int64_t ldx, const T* P, T alpha, T* C, int64_t ldc) {
-  constexpr int RB = NV <= 2 ? 8 : (NV <= 4 ? 5 : 2);  // RB·NV + NV vector registers (of 16)
+  constexpr int RB = rank_block<NV>();
   int64_t i = 0;
   for (; i + RB <= R; i += RB) rowvec_rows<T, VB, NV, RB>(L, X + i * ldx, ldx, P, alpha, C + i * ldc, ldc);
   for (; i < R; ++i) rowvec_rows<T, VB, NV, 1>(L, X + i * ldx, ldx, P, alpha, C + i * ldc, ldc);
@@ -143,7 +158,7 @@ inline void acct_cols(int64_t R, const T* X, int64_t ldx, const T* Tm, T* D) {
 
 template <typename T, int VB, int NV>
 void acct(int64_t R, int64_t Wd, const T* X, int64_t ldx, const T* Tm, T* D) {
-  constexpr int WB = NV <= 2 ? 8 : (NV <= 4 ? 5 : 2);
+  constexpr int WB = rank_block<NV>();
   constexpr int r = NV * kV<T, VB>;
   int64_t w = 0;
   for (; w + WB <= Wd; w += WB) acct_cols<T, VB, NV, WB>(R, X + w, ldx, Tm, D + w * r);
@@ -184,6 +199,35 @@ constexpr int kOuterVB = 64;
 #else
 constexpr int kOuterVB = 32;
 #endif
+
+// The same three products through BLAS (any r; on some CPUs faster than the kernels above,
+// on others slower: the ops choose by timing). Same operand layouts as their namesakes.
+// C (R×r) = alpha·X (R×L)·P (L×r)
+template <typename T>
+void rowvec_blas(int64_t R, int64_t L, int64_t r, const T* X, int64_t ldx, const T* P, T alpha, T* C, int64_t ldc) {
+  blas::mm_ab<T>(R, r, L, alpha, X, ldx, P, r, T(0), C, ldc);
+}
+
+// C (R×Wd) = bias + S + alpha·T (R×r)·Q (r×Wd)
+template <typename T>
+void outer_blas(int64_t R, int64_t Wd, int64_t r, const T* Tm, int64_t ldt, T alpha, const T* Q, int64_t ldq,
+                const T* bias, T* C, int64_t ldc, const T* S = nullptr, int64_t lds = 0) {
+  if (bias || S) {
+    for (int64_t i = 0; i < R; ++i) {
+      T* c = C + i * ldc;
+      const T* s = S ? S + i * lds : nullptr;
+#pragma omp simd
+      for (int64_t j = 0; j < Wd; ++j) c[j] = (bias ? bias[j] : T(0)) + (s ? s[j] : T(0));
+    }
+  }
+  blas::mm_ab<T>(R, Wd, r, alpha, Tm, ldt, Q, ldq, (bias || S) ? T(1) : T(0), C, ldc);
+}
+
+// D (Wd×r) += X (R×Wd)ᵀ · T (R×r)
+template <typename T>
+void acct_blas(int64_t R, int64_t Wd, int64_t r, const T* X, int64_t ldx, const T* Tm, T* D) {
+  blas::mm_aTb<T>(Wd, r, R, T(1), X, ldx, Tm, r, T(1), D, r);
+}
 
 }  // namespace rk
 }  // namespace fastpeft

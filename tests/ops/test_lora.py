@@ -91,21 +91,29 @@ def test_large_rows(backend):
 
 
 # --- C++ blocking, GEMM libraries and configurations ---------------------------------------
-CPU_CONFIGS = ["aten", "aten+blocked", "onednn", "onednn+blocked"]
+PLACEMENTS = ["aten", "aten+blocked", "onednn", "onednn+blocked"]
 
 
-@pytest.mark.parametrize("config", CPU_CONFIGS)
-@pytest.mark.parametrize("r", [16, 8, 7], ids=["r16-microkernel", "r8-microkernel-ymm", "r7-blas"])
-def test_cpu_configs_small_blocks(monkeypatch, config, r):
-    """Every configuration the C++ op can choose at run time (csrc/tune.h), forced by name, with
-    many row blocks and column tiles with ragged tails."""
+@pytest.mark.parametrize("rank_impl", ["micro", "blas"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("r", [16, 8, 7], ids=["r16", "r8", "r7"])
+def test_cpu_configs_small_blocks(monkeypatch, placement, rank_impl, r):
+    """Every configuration the C++ op can choose at run time (csrc/tune.h), forced by name
+    ("<placement>|<rank products>"), with many row blocks and column tiles with ragged tails.
+    r = 16 / 8 fill whole vectors (zmm / ymm micro-kernels); r = 7 has only the BLAS rank path,
+    and forcing the micro-kernels there is an error that lists the configurations that exist."""
     if not _cpp_ok():
         pytest.skip("C++ backend not built")
-    if config.startswith("onednn") and "onednn ok" not in torch.ops.fastpeft_cpu.gemm_libs()[0]:
+    if placement.startswith("onednn") and "onednn ok" not in torch.ops.fastpeft_cpu.gemm_libs()[0]:
         pytest.skip("oneDNN cannot run here: " + torch.ops.fastpeft_cpu.gemm_libs()[0])
+    config = f"{placement}|{rank_impl}"
     monkeypatch.setenv("FASTPEFT_LORA_BR", "16")
     monkeypatch.setenv("FASTPEFT_LORA_GB", "48")
     monkeypatch.setenv("FASTPEFT_CPU_CONFIG", config)
+    if r == 7 and rank_impl == "micro":
+        with pytest.raises(RuntimeError, match="is not a configuration of lora_fwd"):
+            check("cpu", 20, 129, 65, r, torch.float32)
+        return
     check("cpu", 203, 129, 1100, r, torch.float32, p=0.2)
     check("cpu", 97, 129, 65, r, torch.float32, noncontig=True, train_weight=True)
     monkeypatch.setenv("FASTPEFT_CPU_CONFIG", config.replace("onednn", "aten"))  # fp64: ATen only
