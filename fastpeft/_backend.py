@@ -4,7 +4,8 @@ Backends, in order of preference:
 
 * ``triton``    - fused Triton kernels, for CUDA tensors (CPU tensors too under
                   ``TRITON_INTERPRET=1``, used by the tests, only when asked for).
-* ``cpu``       - the C++ extension ``fastpeft._C`` for CPU tensors.
+* ``cpu``       - the C++ extension ``fastpeft._C`` for CPU tensors (prebuilt by pip, else compiled
+                  on first use: ``fastpeft/_build.py``).
 * ``reference`` - plain PyTorch (``fastpeft.reference``): the oracle and the fallback.
 
 Kernels are found by name, so adding one needs no edit here:
@@ -33,12 +34,21 @@ FAMILIES = ("lora", "adapter", "prefix_attention")
 
 @lru_cache(maxsize=None)
 def _cpp_status() -> Optional[str]:
-    """None when the C++ extension loads, else the reason it does not."""
+    """None when the C++ ops are registered, else the reason they are not.
+
+    The prebuilt ``fastpeft._C`` first (pip builds it when the build can import torch); else the
+    same sources compiled on first use and cached (``fastpeft/_build.py``). Where the backend came
+    from is in ``fastpeft._build.ORIGIN``.
+    """
+    from fastpeft import _build
+
     try:
-        importlib.import_module("fastpeft._C")
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-        return (f"C++ extension fastpeft._C not importable ({type(exc).__name__}: {exc}); "
-                "build it with `pip install --no-build-isolation -e .`")
+        mod = importlib.import_module("fastpeft._C")
+    except Exception as exc:  # noqa: BLE001 - not built, or not loadable (e.g. built for another torch)
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "fastpeft._C":
+            return _build.jit_load("no prebuilt fastpeft._C in this install")
+        return _build.jit_load(f"the prebuilt fastpeft._C does not load ({type(exc).__name__}: {exc})")
+    _build.ORIGIN = f"prebuilt ({mod.__file__})"
     return None
 
 
@@ -114,7 +124,8 @@ def select_backend(family: str, device: torch.device, backend: Optional[str] = N
         global _warned
         if not _warned and _cpp_status():
             _warned = True
-            warnings.warn(f"fastpeft: using the reference backend on CPU: {_cpp_status()}", stacklevel=3)
+            warnings.warn(f"fastpeft: using the (slow) reference backend on CPU: {_cpp_status()}",
+                          stacklevel=3)
     return "reference"
 
 
@@ -122,7 +133,9 @@ def select_backend(family: str, device: torch.device, backend: Optional[str] = N
 def get_kernel(family: str, kernel: str, backend: str) -> Callable:
     """Look a kernel up by the naming convention in this module's docstring."""
     if backend == "cpu":
-        importlib.import_module("fastpeft._C")
+        reason = _cpp_status()
+        if reason:
+            raise RuntimeError(f"fastpeft: the C++ backend cannot run {family}: {reason}")
         return getattr(torch.ops.fastpeft_cpu, kernel)
     module = importlib.import_module(f"fastpeft.{backend}.{family}")
     return getattr(module, f"{kernel}_{backend}")
@@ -158,16 +171,16 @@ def info() -> str:
              f"{torch.get_num_threads()} CPU threads, CUDA available: {torch.cuda.is_available()}"]
     if torch.cuda.is_available():
         lines.append(f"CUDA device: {torch.cuda.get_device_name()}")
+    from fastpeft import _build
+
+    _cpp_status()
+    lines.append(f"C++ backend: {_build.ORIGIN}")
     env = os.environ.get("FASTPEFT_BACKEND")
     lines.append(f"FASTPEFT_BACKEND={env!r}" if env else "FASTPEFT_BACKEND not set (automatic choice)")
     for name, st in backends().items():
         lines.append(f"  {name:<10} {'available' if st['available'] else 'NOT available'}")
         for fam, r in st["ops"].items():
             lines.append(f"      {fam:<18} {r}")
-    from fastpeft import _cpuinfo
-
-    lines.append(f"CPU: {_cpuinfo.cpu_model()} ({_cpuinfo.isa()})")
-    lines += [f"  {line}" for line in _cpuinfo.gemm_report()]
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         chosen = {}
         for f in FAMILIES:
