@@ -40,10 +40,13 @@
 
 #include "common.h"
 #include "gemm.h"
+#include "rank_kernels.h"
+#include "tune.h"
 
 namespace {
 
 using at::Tensor;
+using namespace fastpeft::rk;
 
 enum class Act { Relu, Gelu, GeluTanh, Silu, Identity };
 
@@ -158,13 +161,54 @@ Tensor to_compute(const Tensor& t, at::ScalarType ct) {
   return t.detach().to(ct).contiguous();
 }
 
+// How a block's skinny products (one dimension is the bottleneck m) are computed: a GEMM
+// library per block (gemm.h), or the register-blocked kernels of rank_kernels.h, which take m
+// as their "rank" when m fills whole vectors (m = 16, 32, 64, 128 in fp32 with AVX-512). Which
+// is fastest depends on the CPU and the shape: chosen by timing (tune.h).
+enum class Path { Aten, OneDnn, Micro };
+
+const char* path_name(Path p) { return p == Path::Micro ? "micro" : p == Path::OneDnn ? "onednn" : "aten"; }
+
+fastpeft::Lib lib_of(Path p) { return p == Path::OneDnn ? fastpeft::Lib::OneDnn : fastpeft::Lib::Aten; }
+
+template <typename T>
+bool micro_ok(int64_t m) { return rank_vb<T>(m) != 0 && m <= kOuterMaxRank; }
+
+// The paths allowed here (FASTPEFT_CPU_GEMM, oneDNN availability), the default one first.
+template <typename T>
+std::vector<Path> adapter_paths(at::ScalarType st, int64_t m) {
+  const auto libs = fastpeft::allowed_libs(st);
+  std::vector<Path> out;
+  if (libs.aten) out.push_back(Path::Aten);
+  if (libs.onednn) out.push_back(Path::OneDnn);
+  if (micro_ok<T>(m)) out.push_back(Path::Micro);
+  return out;
+}
+
+std::vector<std::string> path_names(const std::vector<Path>& ps) {
+  std::vector<std::string> n;
+  for (auto p : ps) n.push_back(path_name(p));
+  return n;
+}
+
+std::string adapter_key(const char* op, const Tensor& x, int64_t M, int64_t d, int64_t m, const std::string& act,
+                        bool drop, const std::vector<Path>& ps) {
+  std::string k = std::string(op) + " " + c10::toString(x.scalar_type()) + " M~" +
+                  std::to_string(fastpeft::row_class(M)) + " d=" + std::to_string(d) + " m=" + std::to_string(m) +
+                  " " + act + (drop ? " drop" : "") + " threads=" + std::to_string(at::get_num_threads()) + " [";
+  for (size_t i = 0; i < ps.size(); ++i) k += (i ? "," : "") + std::string(path_name(ps[i]));
+  return k + "]";
+}
+
 
 // ----------------------------------------------------------------------------------------
 template <typename T>
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10::optional<Tensor>& bd,
                                     const Tensor& Wu, const c10::optional<Tensor>& bu, const Tensor& scale,
-                                    const c10::optional<Tensor>& residual, Act act, const Dropout& dp) {
+                                    const c10::optional<Tensor>& residual, Act act, const Dropout& dp, Path path) {
   const int64_t M = x.size(0), d = x.size(1), m = Wd.size(0);
+  const fastpeft::Lib lib = lib_of(path);
+  const bool micro = path == Path::Micro;
   auto opts = x.options();
   Tensor z = at::empty({M, m}, opts);
   Tensor y = at::empty({M, d}, opts);
@@ -176,7 +220,9 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
   Tensor Wus = fold ? (Wu * scale.unsqueeze(1)).contiguous() : Wu;
   Tensor WusT = Wus.t();                     // (m, d) view for h·Wusᵀ
   Tensor c = has_bu ? (fold ? (scale * *bu).contiguous() : *bu) : at::zeros({d}, opts);
-  Tensor WdT = Wd.t();                       // (d, m) view
+  Tensor WdT = micro ? Wd.t().contiguous() : Wd.t();   // (d, m)
+  Tensor WusTc = micro ? WusT.contiguous() : Tensor();  // (m, d) rows for the micro-kernel
+  const int vb = micro ? rank_vb<T>(m) : 0;
   const bool has_bd = bd.has_value() && bd->defined();
   const T* bdp = has_bd ? bd->data_ptr<T>() : nullptr;
   const Tensor R = residual.has_value() && residual->defined() ? *residual : x;
@@ -202,7 +248,16 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
     if (has_bd) {
       for (int64_t i = 0; i < nr; ++i) std::copy(bdp, bdp + m, zp + (r0 + i) * m);
     }
-    fastpeft::gemm(xb, WdT, zb, has_bd ? 1.0 : 0.0);
+    if (micro) {
+      T* zr = zp + r0 * m;
+      FASTPEFT_RANK_SWITCH(T, vb, m, rowvec<T, VB, NV>(nr, d, xb.data_ptr<T>(), x.stride(0), WdT.data_ptr<T>(),
+                                                       T(1), zr, m));
+      if (has_bd)
+        for (int64_t i = 0; i < nr; ++i)
+          for (int64_t j = 0; j < m; ++j) zr[i * m + j] += bdp[j];
+    } else {
+      fastpeft::gemm(xb, WdT, zb, has_bd ? 1.0 : 0.0, 1.0, lib);
+    }
     act_fwd(act, hb, zb);
     if (dp.on) {
       T* mp = mult_t[ch].data_ptr<T>();
@@ -210,7 +265,11 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
       mul_inplace<T>(hb.data_ptr<T>(), mp, nr * m);
     }
     Tensor yb = y.narrow(0, r0, nr);
-    if (fold) {
+    if (fold && micro) {
+      // y_blk = R_blk + c + h·Wusᵀ, each element of y written once.
+      outer<T, kOuterVB>(nr, d, m, hb.data_ptr<T>(), m, T(1), WusTc.data_ptr<T>(), d, cp, yp + r0 * d, d,
+                         Rp + r0 * d, d);
+    } else if (fold) {
       // y_blk = R_blk + c while R_blk (often x_blk, just read) is still in cache ...
       for (int64_t i = 0; i < nr; ++i) {
         const T* rr = Rp + (r0 + i) * d;
@@ -219,11 +278,11 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& Wd, const c10
         for (int64_t j = 0; j < d; ++j) yr[j] = rr[j] + cp[j];
       }
       // ... then y_blk += h·Wusᵀ accumulates in place.
-      fastpeft::gemm(hb, WusT, yb, 1.0);
+      fastpeft::gemm(hb, WusT, yb, 1.0, 1.0, lib);
     } else {
       // u_blk = bu + h·Wuᵀ, then y_blk = R_blk + scale ⊙ u_blk.
       for (int64_t i = 0; i < nr; ++i) std::copy(cp, cp + d, yp + (r0 + i) * d);
-      fastpeft::gemm(hb, WusT, yb, 1.0);
+      fastpeft::gemm(hb, WusT, yb, 1.0, 1.0, lib);
       for (int64_t i = 0; i < nr; ++i) {
         const T* rr = Rp + (r0 + i) * d;
         T* yr = yp + (r0 + i) * d;
@@ -246,8 +305,11 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     const Tensor& dy, const Tensor& x, const Tensor& Wd, const Tensor& Wu, const c10::optional<Tensor>& bu,
     const Tensor& z, const Tensor& scale, Act act, const Dropout& dp, bool residual_is_x, bool need_x,
-    bool need_scale) {
+    bool need_scale, Path path) {
   const int64_t M = x.size(0), d = x.size(1), m = Wd.size(0);
+  const fastpeft::Lib lib = lib_of(path);
+  const bool micro = path == Path::Micro;
+  const int vb = micro ? rank_vb<T>(m) : 0;
   auto opts = x.options();
   Tensor dx = need_x ? at::empty({M, d}, opts) : at::empty({0}, opts);
   Tensor Wus = (Wu * scale.unsqueeze(1)).contiguous();   // (d, m): dh = dy·Wus
@@ -257,7 +319,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   const int64_t nch = num_chunks(nblk, nth);
   // Per-chunk accumulators: Gᵀ = hᵀ·dy (m, d), s = colsum(dy) (d,), dWd = dzᵀ·x (m, d), dbd (m,).
   // The GEMM ones are written (beta 0) by the chunk's first block, the others start at zero.
-  Tensor GT_t = at::empty({nch, m, d}, opts), dWd_t = at::empty({nch, m, d}, opts);
+  // The micro-kernels accumulate the transposes, G (d, m) and dWdᵀ (d, m), from zero.
+  Tensor GT_t = micro ? at::zeros({nch, d, m}, opts) : at::empty({nch, m, d}, opts);
+  Tensor dWd_t = micro ? at::zeros({nch, d, m}, opts) : at::empty({nch, m, d}, opts);
   Tensor s_t = at::zeros({nch, d}, opts), dbd_t = at::zeros({nch, m}, opts);
   const T* dyp = dy.data_ptr<T>();
 
@@ -274,7 +338,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     Tensor xb = x.narrow(0, r0, nr), zb = z.narrow(0, r0, nr), dyb = dy.narrow(0, r0, nr);
     Tensor hb = h_t[ch].narrow(0, 0, nr), dhb = dh_t[ch].narrow(0, 0, nr), dzb = dz_t[ch].narrow(0, 0, nr);
     act_fwd(act, hb, zb);                                   // recompute h = act(z)
-    fastpeft::gemm(dyb, Wus, dhb);                          // dh = dy·Wus   (nr, m)
+    if (micro) {
+      FASTPEFT_RANK_SWITCH(T, vb, m, rowvec<T, VB, NV>(nr, d, dyb.data_ptr<T>(), d, Wus.data_ptr<T>(), T(1),
+                                                       dhb.data_ptr<T>(), m));  // dh = dy·Wus
+    } else {
+      fastpeft::gemm(dyb, Wus, dhb, 0.0, 1.0, lib);         // dh = dy·Wus   (nr, m)
+    }
     if (dp.on) {
       T* mp = mult_t[ch].data_ptr<T>();
       dropout_mult<T>(dp, mp, r0, nr, m);
@@ -282,8 +351,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
       mul_inplace<T>(dhb.data_ptr<T>(), mp, nr * m);
     }
     act_bwd(act, dzb, dhb, zb);                             // dz = dh ⊙ act'(z)
-    fastpeft::gemm(hb.t(), dyb, GT_t[ch], beta);            // Gᵀ (+)= hᵀ·dy    (m, d)
-    fastpeft::gemm(dzb.t(), xb, dWd_t[ch], beta);           // dWd (+)= dzᵀ·x   (m, d)
+    if (micro) {
+      FASTPEFT_RANK_SWITCH(T, vb, m, {
+        acct<T, VB, NV>(nr, d, dyb.data_ptr<T>(), d, hb.data_ptr<T>(), GT_t[ch].data_ptr<T>());   // G += dyᵀ·h
+        acct<T, VB, NV>(nr, d, xb.data_ptr<T>(), d, dzb.data_ptr<T>(), dWd_t[ch].data_ptr<T>());  // dWdᵀ += xᵀ·dz
+      });
+    } else {
+      fastpeft::gemm(hb.t(), dyb, GT_t[ch], beta, 1.0, lib);   // Gᵀ (+)= hᵀ·dy    (m, d)
+      fastpeft::gemm(dzb.t(), xb, dWd_t[ch], beta, 1.0, lib);  // dWd (+)= dzᵀ·x   (m, d)
+    }
     const T* dzp = dzb.data_ptr<T>();
     for (int64_t i = 0; i < nr; ++i) {
       const T* zr = dzp + i * m;
@@ -293,23 +369,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     // One pass over the dy block: colsum(dy), and dx_blk = dy_blk (sequential adapter: the
     // residual's gradient) that the GEMM below accumulates onto while it is in cache.
     T* dxp = need_x ? dx.data_ptr<T>() : nullptr;
-    const bool copy_dy = need_x && residual_is_x;
+    const bool copy_dy = need_x && residual_is_x && !micro;
     for (int64_t i = 0; i < nr; ++i) {
       const T* dr = dyp + (r0 + i) * d;
 #pragma omp simd
       for (int64_t j = 0; j < d; ++j) sp[j] += dr[j];
       if (copy_dy) std::copy(dr, dr + d, dxp + (r0 + i) * d);
     }
-    if (need_x) fastpeft::gemm(dzb, Wd, dx.narrow(0, r0, nr), copy_dy ? 1.0 : 0.0);  // dx_blk (+)= dz·Wd
+    if (need_x && micro) {  // dx_blk = (dy_blk) + dz·Wd, each element written once
+      outer<T, kOuterVB>(nr, d, m, dzp, m, T(1), Wd.data_ptr<T>(), d, nullptr, dxp + r0 * d, d,
+                         residual_is_x ? dyp + r0 * d : nullptr, d);
+    } else if (need_x) {
+      fastpeft::gemm(dzb, Wd, dx.narrow(0, r0, nr), copy_dy ? 1.0 : 0.0, 1.0, lib);  // dx_blk (+)= dz·Wd
+    }
   });
   // Sum the chunk partials in chunk order.
   Tensor G, s, dWd, dbd;
   if (nblk == 0) {
     G = at::zeros({d, m}, opts); s = at::zeros({d}, opts); dWd = at::zeros({m, d}, opts); dbd = at::zeros({m}, opts);
   } else {
-    G = sum_chunks(GT_t).t();
+    G = micro ? sum_chunks(GT_t) : sum_chunks(GT_t).t();
     s = sum_chunks(s_t);
-    dWd = sum_chunks(dWd_t);
+    dWd = micro ? sum_chunks(dWd_t).t().contiguous() : sum_chunks(dWd_t);
     dbd = sum_chunks(dbd_t);
   }
   Tensor dWu = (G * scale.unsqueeze(1)).contiguous();
@@ -348,8 +429,15 @@ std::tuple<Tensor, Tensor> adapter_fwd(const Tensor& x, const Tensor& down_weigh
   Tensor Wd = to_compute(down_weight, ct), Wu = to_compute(up_weight, ct), sc = to_compute(scale, ct);
   auto bd = opt_to(down_bias, ct), bu = opt_to(up_bias, ct), R = opt_to(residual, ct);
   std::tuple<Tensor, Tensor> out;
-  if (ct == at::kDouble) out = fwd_impl<double>(xc, Wd, bd, Wu, bu, sc, R, act, dp);
-  else out = fwd_impl<float>(xc, Wd, bd, Wu, bu, sc, R, act, dp);
+  const int64_t M = xc.size(0), d = xc.size(1), m = Wd.size(0);
+  const double work = 2.0 * M * d * m;
+  AT_DISPATCH_FLOATING_TYPES(ct, "adapter_fwd", [&] {
+    const auto paths = adapter_paths<scalar_t>(ct, m);
+    auto run = [&](int i) { return fwd_impl<scalar_t>(xc, Wd, bd, Wu, bu, sc, R, act, dp, paths[i]); };
+    const int pick = fastpeft::tuned_choice(adapter_key("adapter_fwd", xc, M, d, m, activation, dp.on, paths),
+                                            path_names(paths), work, [&](int i) { run(i); });
+    out = run(pick);
+  });
   if (x.scalar_type() != ct) {
     return {std::get<0>(out).to(x.scalar_type()), std::get<1>(out).to(x.scalar_type())};
   }
@@ -369,8 +457,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_bwd(
   Tensor Wd = to_compute(down_weight, ct), Wu = to_compute(up_weight, ct), sc = to_compute(scale, ct);
   auto bu = opt_to(up_bias, ct);
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> out;
-  if (ct == at::kDouble) out = bwd_impl<double>(dyc, xc, Wd, Wu, bu, zc, sc, act, dp, residual_is_x, need_x, need_scale);
-  else out = bwd_impl<float>(dyc, xc, Wd, Wu, bu, zc, sc, act, dp, residual_is_x, need_x, need_scale);
+  const int64_t M = xc.size(0), d = xc.size(1), m = Wd.size(0);
+  const double work = (need_x ? 4.0 : 3.0) * M * d * m;
+  AT_DISPATCH_FLOATING_TYPES(ct, "adapter_bwd", [&] {
+    const auto paths = adapter_paths<scalar_t>(ct, m);
+    auto run = [&](int i) {
+      return bwd_impl<scalar_t>(dyc, xc, Wd, Wu, bu, zc, sc, act, dp, residual_is_x, need_x, need_scale, paths[i]);
+    };
+    const std::string key = adapter_key("adapter_bwd", xc, M, d, m, activation, dp.on, paths) +
+                            (need_x ? " dx" : "") + (residual_is_x ? " res" : "");
+    const int pick = fastpeft::tuned_choice(key, path_names(paths), work, [&](int i) { run(i); });
+    out = run(pick);
+  });
   if (x.scalar_type() != ct) {
     auto st = x.scalar_type();
     return {std::get<0>(out).to(st), std::get<1>(out).to(st), std::get<2>(out).to(st),

@@ -39,15 +39,19 @@
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "common.h"
 #include "gemm.h"
+#include "rank_kernels.h"
+#include "tune.h"
 
 namespace {
 
 using at::Tensor;
+using namespace fastpeft::rk;
 
 // Rows per block: the x/dy block and its scratch should stay in L2 (~1 MiB per core).
 int64_t block_rows(int64_t width, int64_t elem) {
@@ -70,6 +74,12 @@ uint32_t seed_value(const std::optional<Tensor>& seed) {
   return static_cast<uint32_t>(seed->item<int64_t>());
 }
 
+// The hash loops below are plain `omp simd` loops; GCC's default tuning vectorises them with
+// 256-bit registers even where AVX-512 has 512 (16 hashes per instruction instead of 8).
+#ifdef __AVX512F__
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=512")
+#endif
 // keep[i*K + j] = dropout_keep(seed, thr, (row0+i)*K + j) for rows [row0, row0+rows); and, when
 // xd != nullptr, xd[i*K + j] = keep ? x[i, j] * scale : 0 (x read through its strides).
 // The common case (the 32-bit high word of the index constant along a row) is a plain loop
@@ -125,6 +135,9 @@ void apply_keep(T* d, const uint8_t* keep, int64_t n, T scale) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) d[j] = keep[j] ? d[j] * scale : T(0);
 }
+#ifdef __AVX512F__
+#pragma GCC pop_options
+#endif
 
 // Split [0, nblk) into a fixed number of contiguous chunks (one per thread).
 int64_t num_chunks(int64_t nblk) {
@@ -160,156 +173,41 @@ std::optional<Tensor> opt_f32(const std::optional<Tensor>& t) {
 
 
 // ---------------------------------------------------------------------------------------------
-// Rank-r micro-kernels. BLAS runs the k = r (= 16) GEMMs at ~45% of peak (packing dominates);
-// these register-blocked loops (GCC vector extensions: 32-byte vectors, FMA-contracted, so
-// AVX2/AVX-512 machines both run them near peak) make the LoRA path cost close to its flops.
-// Used when r is a multiple of the vector width and r <= 8 vectors; BLAS otherwise.
-template <typename T> struct VecT;
-template <> struct VecT<float> { typedef float v __attribute__((vector_size(32))); };
-template <> struct VecT<double> { typedef double v __attribute__((vector_size(32))); };
-template <typename T> constexpr int kV = 32 / sizeof(T);  // lanes per vector
+// Where the frozen GEMM runs (see the header): per outer block inside the rank pass (blocked),
+// or one multi-threaded call after it; and which library runs it (gemm.h).
+// And how the rank-r products run: the register-blocked kernels of rank_kernels.h (when r
+// fills whole vectors) or single-threaded BLAS calls per block (any r). Name:
+// "<lib>[+blocked]|<micro|blas>", e.g. "onednn+blocked|micro".
+struct Cfg {
+  fastpeft::Lib lib;
+  bool blocked;
+  bool blas_rank;
+  std::string name() const {
+    return std::string(fastpeft::lib_name(lib)) + (blocked ? "+blocked" : "") + (blas_rank ? "|blas" : "|micro");
+  }
+};
 
+// The configurations allowed here for dtype st and rank r, the default (untuned) one first.
 template <typename T>
-inline typename VecT<T>::v vload(const T* p) {
-  typename VecT<T>::v v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename T>
-inline void vstore(T* p, typename VecT<T>::v v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-// C[i, 0:r] = alpha · Σ_l X[i, l] · P[l, 0:r] for i < R.  X (R×L, row stride ldx), P (L×r)
-// contiguous, C (R×r, row stride ldc); r = NV vectors. Forward t = xd·Aᵀ (P = Aᵀ), backward
-// dt = s·dy·B (P = B).
-template <typename T, int NV, int RB>
-inline void rowvec_rows(int64_t L, const T* X, int64_t ldx, const T* P, T alpha, T* C, int64_t ldc) {
-  using V = typename VecT<T>::v;
-  constexpr int W = kV<T>;
-  V acc[RB][NV];
-  for (int a = 0; a < RB; ++a)
-    for (int q = 0; q < NV; ++q) acc[a][q] = V{} ;
-  for (int64_t l = 0; l < L; ++l) {
-    V p[NV];
-    for (int q = 0; q < NV; ++q) p[q] = vload<T>(P + l * NV * W + q * W);
-    for (int a = 0; a < RB; ++a) {
-      const T xs = X[a * ldx + l];
-      for (int q = 0; q < NV; ++q) acc[a][q] += p[q] * xs;
-    }
+std::vector<Cfg> candidates(at::ScalarType st, int64_t r) {
+  const auto libs = fastpeft::allowed_libs(st);
+  std::vector<std::pair<fastpeft::Lib, bool>> places;
+  if (libs.aten) places.push_back({fastpeft::Lib::Aten, false});
+  if (libs.onednn) places.push_back({fastpeft::Lib::OneDnn, true});
+  if (libs.onednn) places.push_back({fastpeft::Lib::OneDnn, false});
+  if (libs.aten) places.push_back({fastpeft::Lib::Aten, true});
+  std::vector<Cfg> out;
+  for (bool blas_rank : {false, true}) {
+    if (!blas_rank && rank_vb<T>(r) == 0) continue;
+    for (const auto& pl : places) out.push_back({pl.first, pl.second, blas_rank});
   }
-  for (int a = 0; a < RB; ++a)
-    for (int q = 0; q < NV; ++q) vstore<T>(C + a * ldc + q * W, acc[a][q] * alpha);
+  return out;
 }
 
-template <typename T, int NV>
-void rowvec(int64_t R, int64_t L, const T* X, int64_t ldx, const T* P, T alpha, T* C, int64_t ldc) {
-  constexpr int RB = NV <= 2 ? 8 : (NV <= 4 ? 5 : 2);  // RB·NV + NV vector registers
-  int64_t i = 0;
-  for (; i + RB <= R; i += RB) rowvec_rows<T, NV, RB>(L, X + i * ldx, ldx, P, alpha, C + i * ldc, ldc);
-  for (; i < R; ++i) rowvec_rows<T, NV, 1>(L, X + i * ldx, ldx, P, alpha, C + i * ldc, ldc);
-}
-
-// C[i, 0:W] = bias[0:W] (or 0) + Σ_k Ts[i, k] · Q[k, 0:W] for i < R, with Ts = alpha·T.
-// T (R×r, stride ldt), Q (r×Wd, stride ldq), C (R×Wd, stride ldc). Forward y_blk = b + s·t·Bᵀ
-// (Q = Bᵀ), backward dx_blk = dt·A (Q = A). Each output is written exactly once.
-template <typename T, int RB, int CV>
-inline void outer_tile(int64_t r, const T* Ts, const T* Q, int64_t ldq, const T* bias, T* C, int64_t ldc) {
-  using V = typename VecT<T>::v;
-  constexpr int W = kV<T>;
-  V acc[RB][CV];
-  for (int c = 0; c < CV; ++c) {
-    const V b0 = bias ? vload<T>(bias + c * W) : V{};
-    for (int a = 0; a < RB; ++a) acc[a][c] = b0;
-  }
-  for (int64_t k = 0; k < r; ++k) {
-    V q[CV];
-    for (int c = 0; c < CV; ++c) q[c] = vload<T>(Q + k * ldq + c * W);
-    for (int a = 0; a < RB; ++a) {
-      const T ts = Ts[a * r + k];
-      for (int c = 0; c < CV; ++c) acc[a][c] += q[c] * ts;
-    }
-  }
-  for (int a = 0; a < RB; ++a)
-    for (int c = 0; c < CV; ++c) vstore<T>(C + a * ldc + c * W, acc[a][c]);
-}
-
-template <typename T, int RB>
-inline void outer_rows(int64_t Wd, int64_t r, const T* Ts, const T* Q, int64_t ldq, const T* bias, T* C,
-                       int64_t ldc) {
-  constexpr int W = kV<T>;
-  constexpr int CV = RB == 1 ? 4 : 12 / RB;  // RB·CV accumulators + CV loads
-  int64_t j = 0;
-  for (; j + CV * W <= Wd; j += CV * W) outer_tile<T, RB, CV>(r, Ts, Q + j, ldq, bias ? bias + j : nullptr, C + j, ldc);
-  for (; j + W <= Wd; j += W) outer_tile<T, RB, 1>(r, Ts, Q + j, ldq, bias ? bias + j : nullptr, C + j, ldc);
-  for (; j < Wd; ++j)
-    for (int a = 0; a < RB; ++a) {
-      T acc = bias ? bias[j] : T(0);
-      for (int64_t k = 0; k < r; ++k) acc += Ts[a * r + k] * Q[k * ldq + j];
-      C[a * ldc + j] = acc;
-    }
-}
-
-template <typename T>
-void outer(int64_t R, int64_t Wd, int64_t r, const T* Tm, int64_t ldt, T alpha, const T* Q, int64_t ldq,
-           const T* bias, T* C, int64_t ldc) {
-  constexpr int RB = 4;
-  T ts[RB * 256];  // alpha·T for RB rows (r <= 256 on this path)
-  int64_t i = 0;
-  for (; i < R; i += RB) {
-    const int rb = static_cast<int>(std::min<int64_t>(RB, R - i));
-    for (int a = 0; a < rb; ++a)
-      for (int64_t k = 0; k < r; ++k) ts[a * r + k] = alpha * Tm[(i + a) * ldt + k];
-    if (rb == RB) outer_rows<T, RB>(Wd, r, ts, Q, ldq, bias, C + i * ldc, ldc);
-    else
-      for (int a = 0; a < rb; ++a) outer_rows<T, 1>(Wd, r, ts + a * r, Q, ldq, bias, C + (i + a) * ldc, ldc);
-  }
-}
-
-// D[w, 0:r] += Σ_i X[i, w] · T[i, 0:r] for w < Wd.  X (R×Wd, stride ldx), T (R×r) contiguous,
-// D (Wd×r) contiguous; r = NV vectors. Backward dB += dyᵀ·(s·t) and dAᵀ += drop(x)ᵀ·dt.
-template <typename T, int NV, int WB>
-inline void acct_cols(int64_t R, const T* X, int64_t ldx, const T* Tm, T* D) {
-  using V = typename VecT<T>::v;
-  constexpr int W = kV<T>;
-  V acc[WB][NV];
-  for (int b = 0; b < WB; ++b)
-    for (int q = 0; q < NV; ++q) acc[b][q] = vload<T>(D + b * NV * W + q * W);
-  for (int64_t i = 0; i < R; ++i) {
-    V tv[NV];
-    for (int q = 0; q < NV; ++q) tv[q] = vload<T>(Tm + i * NV * W + q * W);
-    for (int b = 0; b < WB; ++b) {
-      const T xs = X[i * ldx + b];
-      for (int q = 0; q < NV; ++q) acc[b][q] += tv[q] * xs;
-    }
-  }
-  for (int b = 0; b < WB; ++b)
-    for (int q = 0; q < NV; ++q) vstore<T>(D + b * NV * W + q * W, acc[b][q]);
-}
-
-template <typename T, int NV>
-void acct(int64_t R, int64_t Wd, const T* X, int64_t ldx, const T* Tm, T* D) {
-  constexpr int WB = NV <= 2 ? 8 : (NV <= 4 ? 5 : 2);
-  constexpr int r = NV * kV<T>;
-  int64_t w = 0;
-  for (; w + WB <= Wd; w += WB) acct_cols<T, NV, WB>(R, X + w, ldx, Tm, D + w * r);
-  for (; w < Wd; ++w) acct_cols<T, NV, 1>(R, X + w, ldx, Tm, D + w * r);
-}
-
-// Dispatch on r / vector width (1, 2, 4 or 8 vectors); false: use BLAS.
-template <typename T>
-bool fast_rank(int64_t r) { return r % kV<T> == 0 && r / kV<T> >= 1 && r / kV<T> <= 8 && (r / kV<T> & (r / kV<T> - 1)) == 0; }
-
-#define FASTPEFT_NV_SWITCH(NVAL, ...)                              \
-  switch (NVAL) {                                                  \
-    case 1: { constexpr int NV = 1; __VA_ARGS__; } break;          \
-    case 2: { constexpr int NV = 2; __VA_ARGS__; } break;          \
-    case 4: { constexpr int NV = 4; __VA_ARGS__; } break;          \
-    default: { constexpr int NV = 8; __VA_ARGS__; } break;         \
-  }
-// ---------------------------------------------------------------------------------------------
 template <typename T>
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                     const Tensor& A, const Tensor& B, double scaling, double p,
-                                    const std::optional<Tensor>& seed) {
+                                    const std::optional<Tensor>& seed, const Cfg& cfg) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels, no autograd graph
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
   const auto opts = x.options();
@@ -321,20 +219,19 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
   const uint32_t thr = drop ? dropout_threshold(p) : 0u;
   const T dscale = static_cast<T>(1.0 / (1.0 - p));
   const Tensor At = A.t(), Bt = B.t();
-  // Micro-kernel path: packed Aᵀ (K×r) and Bᵀ (r×N), tiny copies.
-  const bool fast = fast_rank<T>(r);
-  const Tensor ATc = fast ? At.contiguous() : Tensor(), BTc = fast ? Bt.contiguous() : Tensor();
+  // Packed Aᵀ (K×r) and Bᵀ (r×N), tiny copies; vb = 0: the rank-r products go to BLAS.
+  const int vb = cfg.blas_rank ? 0 : rank_vb<T>(r);
+  const Tensor ATc = At.contiguous(), BTc = Bt.contiguous();
   const Tensor bc = has_bias ? bias->contiguous() : Tensor();
 
-  // With oneDNN, a single-threaded GEMM on a block of >= ~256 rows runs as fast as one
-  // multi-threaded call, so the frozen GEMM joins the parallel pass: y_blk += x_blk·Wᵀ right
-  // after y_blk = b + s·t_blk·Bᵀ was written (y_blk still in cache, x_blk just read). MKL's is
-  // not (measured slower per block), so on the ATen path the GEMM stays one call at the end.
-  const bool fused = M > 0 && fastpeft::onednn_gemm(x.scalar_type());
+  // Blocked: y_blk += x_blk·Wᵀ runs inside the parallel pass, per 512-column tile right after
+  // y_tile = b + s·t_blk·Bᵀ was written (the tile still in cache, x_blk just read). Else one
+  // multi-threaded GEMM accumulates onto y after the pass.
+  const bool blocked = cfg.blocked && M > 0;
   const Tensor Wt = weight.t();
   if (M > 0) {
     const int64_t br = block_rows(std::max(K, N), sizeof(T));
-    const int64_t gb = fused ? gemm_rows(M, br) : br;  // rows per outer block
+    const int64_t gb = blocked ? gemm_rows(M, br) : br;  // rows per outer block
     const int64_t nblk = (M + gb - 1) / gb;
     const int64_t nch = num_chunks(nblk);
     const T* xp = x.data_ptr<T>();
@@ -358,37 +255,37 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
               X = xd_ptr;
               ldx = K;
             }
-            if (fast) {
-              FASTPEFT_NV_SWITCH(r / kV<T>, rowvec<T, NV>(rows, K, X, ldx, ATc.data_ptr<T>(), T(1),
-                                                           t.data_ptr<T>() + i0 * r, r));
+            T* tb = t.data_ptr<T>() + i0 * r;
+            if (vb) {
+              FASTPEFT_RANK_SWITCH(T, vb, r, rowvec<T, VB, NV>(rows, K, X, ldx, ATc.data_ptr<T>(), T(1), tb, r));
             } else {
-              Tensor tb = t.narrow(0, i0, rows);
-              at::mm_out(tb, X == xd_ptr ? xd.narrow(0, 0, rows) : x.narrow(0, i0, rows), At);
+              rowvec_blas<T>(rows, K, r, X, ldx, ATc.data_ptr<T>(), T(1), tb, r);
             }
           }
           // ... then y column tile by column tile: y_tile = b + s·t·Bᵀ (this write replaces the
-          // bias broadcast of a plain linear), and with oneDNN y_tile += x_blk·Wᵀ while the tile
+          // bias broadcast of a plain linear), and, blocked, y_tile += x_blk·Wᵀ while the tile
           // is still in cache.
-          const int64_t nc = fused ? std::min<int64_t>(N, 512) : N;
+          const int64_t nc = blocked ? std::min<int64_t>(N, 512) : N;
           for (int64_t j0 = 0; j0 < N; j0 += nc) {
             const int64_t cols = std::min(nc, N - j0);
-            if (fast) {
-              outer<T>(orows, cols, r, t.data_ptr<T>() + o0 * r, r, static_cast<T>(scaling), BTc.data_ptr<T>() + j0,
-                       N, has_bias ? bc.data_ptr<T>() + j0 : nullptr, y.data_ptr<T>() + o0 * N + j0, N);
+            const T* bj = has_bias ? bc.data_ptr<T>() + j0 : nullptr;
+            T* yt = y.data_ptr<T>() + o0 * N + j0;
+            if (vb) {
+              outer<T, kOuterVB>(orows, cols, r, t.data_ptr<T>() + o0 * r, r, static_cast<T>(scaling),
+                                 BTc.data_ptr<T>() + j0, N, bj, yt, N);
             } else {
-              Tensor yt = y.narrow(0, o0, orows).narrow(1, j0, cols), tb = t.narrow(0, o0, orows);
-              Tensor Bc = Bt.narrow(1, j0, cols);
-              if (has_bias) at::addmm_out(yt, bias->narrow(0, j0, cols), tb, Bc, 1.0, scaling);
-              else at::addmm_out(yt, yt, tb, Bc, 0.0, scaling);  // beta 0: yt's contents are ignored
+              outer_blas<T>(orows, cols, r, t.data_ptr<T>() + o0 * r, r, static_cast<T>(scaling),
+                            BTc.data_ptr<T>() + j0, N, bj, yt, N);
             }
-            if (fused) fastpeft::gemm(x.narrow(0, o0, orows), Wt.narrow(1, j0, cols),
-                                      y.narrow(0, o0, orows).narrow(1, j0, cols), 1.0);
+            if (blocked) fastpeft::gemm(x.narrow(0, o0, orows), Wt.narrow(1, j0, cols),
+                                        y.narrow(0, o0, orows).narrow(1, j0, cols), 1.0, 1.0, cfg.lib);
           }
         }
       }
     });
   }
-  if (!fused) fastpeft::gemm(x, Wt, y, 1.0);  // the frozen GEMM accumulates in place (multi-threaded)
+  // The frozen GEMM accumulates in place (multi-threaded).
+  if (!blocked) fastpeft::gemm(x, Wt, y, 1.0, 1.0, cfg.lib);
   return {y, t};
 }
 
@@ -396,7 +293,7 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     const Tensor& dy_in, const Tensor& x, const Tensor& weight, const Tensor& A, const Tensor& B,
     const Tensor& t_in, double scaling, double p, const std::optional<Tensor>& seed, bool need_x,
-    bool need_weight, bool need_bias) {
+    bool need_weight, bool need_bias, const Cfg& cfg) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels, no autograd graph
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
   const auto opts = x.options();
@@ -410,26 +307,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
 
   Tensor dx = need_x ? at::empty({M, K}, opts) : at::empty({0}, opts);
   Tensor dA, dB;
+  // As in the forward: blocked, dx_blk += dy_blk·W runs per outer block right after the rank
+  // pass wrote dx_blk = (dt·A) ⊙ mask (dx_blk in cache, dy_blk just read); else one
+  // multi-threaded GEMM after the pass.
+  const bool blocked = cfg.blocked && need_x && M > 0;
   if (M == 0) {
     dA = at::zeros({r, K}, opts);
     dB = at::zeros({N, r}, opts);
   } else {
     const int64_t br = block_rows(std::max(K, N), sizeof(T));
-    // As in the forward: with oneDNN, dx_blk += dy_blk·W runs per outer block right after the
-    // rank pass wrote dx_blk = (dt·A) ⊙ mask (dx_blk in cache, dy_blk just read).
-    // Only while a block of dy (gb × N) fits in L2: with wide dy (N = 3072 at K = 768) the
-    // per-block GEMM measured slower than one multi-threaded call after the pass.
-    const int64_t gb0 = gemm_rows(M, br);
-    const bool fused = need_x && fastpeft::onednn_gemm(x.scalar_type()) &&
-                       gb0 * N * static_cast<int64_t>(sizeof(T)) <= 1536 * 1024;
-    const int64_t gb = fused ? gb0 : br;  // rows per outer block
+    const int64_t gb = blocked ? gemm_rows(M, br) : br;  // rows per outer block
     const int64_t nblk = (M + gb - 1) / gb;
     const int64_t nch = num_chunks(nblk);
     // Per-chunk partial sums of the two reductions over rows (tiny: r×(K+N) each).
-    const bool fast = fast_rank<T>(r);
-    // Fast path accumulates dAᵀ (K×r) so both reductions share one kernel; BLAS path dA (r×K).
-    Tensor dA_part = fast ? at::zeros({nch, K, r}, opts) : at::zeros({nch, r, K}, opts);
-    const Tensor Bc = fast ? B.contiguous() : Tensor(), Ac = fast ? A.contiguous() : Tensor();
+    const int vb = cfg.blas_rank ? 0 : rank_vb<T>(r);
+    // dAᵀ (K×r) is accumulated, so both reductions have the same form (acct).
+    Tensor dA_part = at::zeros({nch, K, r}, opts);
+    const Tensor Bc = B.contiguous(), Ac = A.contiguous();
     const T* dyp = dy.data_ptr<T>();
     const int64_t ldy = dy.stride(0);
     Tensor dB_part = at::zeros({nch, N, r}, opts);
@@ -439,77 +333,82 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
       // Dispatch TLS is per thread: worker threads must skip autograd (A may require grad).
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      Tensor xd = (drop || (fast && sx1 != 1)) ? at::empty({br, K}, opts) : Tensor();
+      Tensor xd = (drop || sx1 != 1) ? at::empty({br, K}, opts) : Tensor();
       std::vector<uint8_t> keep(drop && need_x ? static_cast<size_t>(br * K) : 0);
-      std::vector<T> ts(fast ? static_cast<size_t>(br * r) : 0);
+      std::vector<T> ts(static_cast<size_t>(br * r));
       for (int64_t c = c0; c < c1; ++c) {
         Tensor dAc = dA_part[c], dBc = dB_part[c];
         for (int64_t ob = nblk * c / nch; ob < nblk * (c + 1) / nch; ++ob) {
          const int64_t o0 = ob * gb, orows = std::min(gb, M - o0);
          for (int64_t i0 = o0; i0 < o0 + orows; i0 += br) {
           const int64_t rows = std::min(br, o0 + orows - i0);
-          if (fast) {
-            const T* dyb = dyp + i0 * ldy;
-            T* dtb = dt.data_ptr<T>() + i0 * r;
-            const T* tb = t.data_ptr<T>() + i0 * t.stride(0);
-            const T sc = static_cast<T>(scaling);
-            for (int64_t a = 0; a < rows; ++a)
-              for (int64_t k = 0; k < r; ++k) ts[a * r + k] = sc * tb[a * t.stride(0) + k];
-            const T* X = xp + i0 * sx0;
-            int64_t ldx = sx0;
-            if (drop || sx1 != 1) {
-              dropout_rows<T>(sd, drop ? thr : 0u, drop ? dscale : T(1), i0, rows, K, X, sx0, sx1,
-                              xd.data_ptr<T>(), drop && need_x ? keep.data() : nullptr);
-              X = xd.data_ptr<T>();
-              ldx = K;
-            }
-            FASTPEFT_NV_SWITCH(r / kV<T>, {
-              rowvec<T, NV>(rows, N, dyb, ldy, Bc.data_ptr<T>(), sc, dtb, r);     // dt = s·dy·B
-              acct<T, NV>(rows, N, dyb, ldy, ts.data(), dBc.data_ptr<T>());       // dB += dyᵀ·(s·t)
-              acct<T, NV>(rows, K, X, ldx, dtb, dAc.data_ptr<T>());               // dAᵀ += drop(x)ᵀ·dt
+          const T* dyb = dyp + i0 * ldy;
+          T* dtb = dt.data_ptr<T>() + i0 * r;
+          const T* tb = t.data_ptr<T>() + i0 * t.stride(0);
+          const T sc = static_cast<T>(scaling);
+          for (int64_t a = 0; a < rows; ++a)
+            for (int64_t k = 0; k < r; ++k) ts[a * r + k] = sc * tb[a * t.stride(0) + k];
+          const T* X = xp + i0 * sx0;
+          int64_t ldx = sx0;
+          if (drop || sx1 != 1) {
+            dropout_rows<T>(sd, drop ? thr : 0u, drop ? dscale : T(1), i0, rows, K, X, sx0, sx1,
+                            xd.data_ptr<T>(), drop && need_x ? keep.data() : nullptr);
+            X = xd.data_ptr<T>();
+            ldx = K;
+          }
+          T* dBp = dBc.data_ptr<T>();
+          T* dAp = dAc.data_ptr<T>();
+          if (vb) {
+            FASTPEFT_RANK_SWITCH(T, vb, r, {
+              rowvec<T, VB, NV>(rows, N, dyb, ldy, Bc.data_ptr<T>(), sc, dtb, r);  // dt = s·dy·B
+              acct<T, VB, NV>(rows, N, dyb, ldy, ts.data(), dBp);                  // dB += dyᵀ·(s·t)
+              acct<T, VB, NV>(rows, K, X, ldx, dtb, dAp);                          // dAᵀ += drop(x)ᵀ·dt
             });
-            if (need_x) {
-              T* dxb = dx.data_ptr<T>() + i0 * K;
-              outer<T>(rows, K, r, dtb, r, T(1), Ac.data_ptr<T>(), K, nullptr, dxb, K);  // dx_blk = dt·A ...
-              if (drop) apply_keep<T>(dxb, keep.data(), rows * K, dscale);               // ... ⊙ mask/(1-p)
-            }
-            continue;
-          }
-          const Tensor dyb = dy.narrow(0, i0, rows);
-          Tensor dtb = dt.narrow(0, i0, rows);
-          at::addmm_out(dtb, dtb, dyb, B, 0.0, scaling);         // dt = s·dy·B (beta 0)
-          dBc.addmm_(dyb.t(), t.narrow(0, i0, rows), 1.0, scaling);  // dB += s·dyᵀ·t
-          Tensor src;
-          if (drop) {
-            dropout_rows<T>(sd, thr, dscale, i0, rows, K, xp + i0 * sx0, sx0, sx1, xd.data_ptr<T>(),
-                            need_x ? keep.data() : nullptr);
-            src = xd.narrow(0, 0, rows);
           } else {
-            src = x.narrow(0, i0, rows);
+            rowvec_blas<T>(rows, N, r, dyb, ldy, Bc.data_ptr<T>(), sc, dtb, r);
+            acct_blas<T>(rows, N, r, dyb, ldy, ts.data(), dBp);
+            acct_blas<T>(rows, K, r, X, ldx, dtb, dAp);
           }
-          dAc.addmm_(dtb.t(), src);                               // dA += dtᵀ·drop(x)
           if (need_x) {
-            Tensor dxb = dx.narrow(0, i0, rows);
-            at::mm_out(dxb, dtb, A);                              // dx_blk = dt·A ...
-            if (drop) apply_keep<T>(dxb.data_ptr<T>(), keep.data(), rows * K, dscale);  // ... ⊙ mask/(1-p)
+            T* dxb = dx.data_ptr<T>() + i0 * K;
+            if (vb) outer<T, kOuterVB>(rows, K, r, dtb, r, T(1), Ac.data_ptr<T>(), K, nullptr, dxb, K);  // dx_blk = dt·A ...
+            else outer_blas<T>(rows, K, r, dtb, r, T(1), Ac.data_ptr<T>(), K, nullptr, dxb, K);
+            if (drop) apply_keep<T>(dxb, keep.data(), rows * K, dscale);  // ... ⊙ mask/(1-p)
           }
          }
          // dx_blk += dy_blk·W (not column-tiled: a column slice of W is neither row- nor
          // column-major, and oneDNN would copy it per call).
-         if (fused) fastpeft::gemm(dy.narrow(0, o0, orows), weight, dx.narrow(0, o0, orows), 1.0);
+         if (blocked) fastpeft::gemm(dy.narrow(0, o0, orows), weight, dx.narrow(0, o0, orows), 1.0, 1.0, cfg.lib);
         }
       }
     });
-    dA = nch == 1 ? dA_part[0] : dA_part.sum(0);
-    if (fast) dA = dA.t().contiguous();
+    // Fixed chunks summed in chunk order: the same bits on every call with this thread count.
+    dA = (nch == 1 ? dA_part[0] : dA_part.sum(0)).t().contiguous();
     dB = nch == 1 ? dB_part[0] : dB_part.sum(0);
-    if (need_x && !fused) fastpeft::gemm(dy, weight, dx, 1.0);  // dx += dy·W in place (multi-threaded)
+    if (need_x && !blocked) fastpeft::gemm(dy, weight, dx, 1.0, 1.0, cfg.lib);  // dx += dy·W (multi-threaded)
   }
   if (need_x && M == 0) dx.zero_();
   Tensor dW = need_weight ? at::empty({N, K}, opts) : at::empty({0}, opts);
-  if (need_weight) fastpeft::gemm(dy.t(), x, dW);
+  if (need_weight) fastpeft::gemm(dy.t(), x, dW, 0.0, 1.0, cfg.lib);
   Tensor db = need_bias ? dy.sum(0) : at::empty({0}, opts);
   return {dx, dW, db, dA, dB};
+}
+
+// Shape class of a call, for tune.h (with the libraries allowed: a FASTPEFT_CPU_GEMM or
+// torch.backends.mkldnn change is a new class).
+std::string tune_key(const char* op, const Tensor& x, int64_t M, int64_t K, int64_t N, int64_t r, double p,
+                     const std::vector<Cfg>& cands) {
+  bool aten = false, dnn = false;
+  for (const auto& c : cands) (c.lib == fastpeft::Lib::OneDnn ? dnn : aten) = true;
+  return std::string(op) + " " + c10::toString(x.scalar_type()) + " M~" + std::to_string(fastpeft::row_class(M)) +
+         " K=" + std::to_string(K) + " N=" + std::to_string(N) + " r=" + std::to_string(r) + (p > 0.0 ? " drop" : "") +
+         " threads=" + std::to_string(at::get_num_threads()) + (aten ? " aten" : "") + (dnn ? " onednn" : "");
+}
+
+std::vector<std::string> names_of(const std::vector<Cfg>& cands) {
+  std::vector<std::string> n;
+  for (const auto& c : cands) n.push_back(c.name());
+  return n;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -532,9 +431,14 @@ std::tuple<Tensor, Tensor> lora_fwd(const Tensor& x, const Tensor& weight, const
                            dropout_p, seed);
     return {y.to(x.scalar_type()), t.to(x.scalar_type())};
   }
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   std::tuple<Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_fwd", [&] {
-    out = fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed);
+    const auto cands = candidates<scalar_t>(x.scalar_type(), r);
+    auto run = [&](int i) { return fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, cands[i]); };
+    const int pick = fastpeft::tuned_choice(tune_key("lora_fwd", x, M, K, N, r, dropout_p, cands), names_of(cands),
+                                            static_cast<double>(M) * K * N, [&](int i) { run(i); });
+    out = run(pick);
   });
   return out;
 }
@@ -557,10 +461,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_bwd(
     const auto st = x.scalar_type();
     return {dx.to(st), dW.to(st), db.to(st), dA.to(st), dB.to(st)};
   }
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_bwd", [&] {
-    out = bwd_impl<scalar_t>(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_x, need_weight,
-                             need_bias);
+    const auto cands = candidates<scalar_t>(x.scalar_type(), r);
+    auto run = [&](int i) {
+      return bwd_impl<scalar_t>(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_x, need_weight,
+                                need_bias, cands[i]);
+    };
+    // need_x / need_weight change the work: part of the shape class.
+    std::string key = tune_key("lora_bwd", x, M, K, N, r, dropout_p, cands) + (need_x ? " dx" : "") +
+                      (need_weight ? " dW" : "");
+    const double work = static_cast<double>(M) * K * N * ((need_x ? 1 : 0) + (need_weight ? 1 : 0));
+    const int pick = fastpeft::tuned_choice(key, names_of(cands), work, [&](int i) { run(i); });
+    out = run(pick);
   });
   return out;
 }

@@ -3,10 +3,10 @@
 Providers (one LoRA training step on the same x, W, b, A, B; W and b frozen, x requires grad):
 
 * ``frozen``   - ``F.linear(x, W, b)``: the floor, what the layer costs without LoRA.
-* ``frozen_onednn`` - the same frozen linear with its GEMMs done by oneDNN (CPU fp32 only). On
-  this project's AVX-512 CPU, ``F.linear`` goes to MKL's sgemm while fastpeft's C++ backend
-  calls oneDNN (csrc/gemm.h), about 2x faster; this row is the floor on the same GEMM library,
-  so fastpeft / frozen_onednn is LoRA's own overhead.
+* ``frozen_onednn`` - the same frozen linear with its GEMMs done by oneDNN (CPU fp32 only).
+  ``F.linear`` goes to MKL's sgemm; which library is faster depends on the CPU (oneDNN ~2x on an
+  AMD EPYC, MKL 4-15% on an Intel Xeon with AMX), and fastpeft's C++ backend picks per machine
+  (csrc/tune.h). The honest floor is the faster of the two rows.
 * ``eager``    - plain-PyTorch LoRA as a user writes it:
   ``F.linear(x, W, b) + s·F.linear(F.linear(F.dropout(x, p), A), B)``.
 * ``peft``     - HF PEFT's ``peft.tuners.lora.Linear`` wrapping the same ``nn.Linear`` with the
@@ -34,7 +34,7 @@ R, P, ALPHA = 16, 0.1, 32.0  # rank, dropout, lora_alpha (scaling = alpha / r = 
 # CPU defaults: the acceptance shapes (M tokens, K in, N out) in every mode, plus a token
 # sweep at K = N = 768 (training step only) for the ratio-vs-tokens plot.
 CPU_SHAPES = [(4096, 768, 768), (4096, 768, 3072), (512, 4096, 4096)]
-CPU_SWEEP = [(512, 768, 768), (1024, 768, 768), (2048, 768, 768)]
+CPU_SWEEP = [(512, 768, 768), (1024, 768, 768), (2048, 768, 768), (2048, 384, 384)]
 CUDA_SHAPES = [(8192, 4096, 4096)]
 QUICK_SHAPES = [(64, 32, 48)]
 MODES = ("fwd", "bwd", "full")

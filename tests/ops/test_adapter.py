@@ -130,20 +130,68 @@ def test_dropout_matches_reference(backend, activation):
     check(backend, 37, 64, 16, torch.float32, activation=activation, p=0.25, residual=activation == "relu")
 
 
-# --- C++ blocking and fallback paths -----------------------------------------------------
+# --- C++ blocking and per-block paths ----------------------------------------------------
+CPU_PATHS = ["aten", "onednn", "micro"]
+
+
+def _path_available(path, dtype):
+    if path == "onednn":
+        libs = torch.ops.fastpeft_cpu.gemm_libs()[0]
+        if dtype != torch.float32:
+            return "oneDNN is used for float32 only"
+        if "onednn ok" not in libs:
+            return "oneDNN cannot run here: " + libs
+    return None
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda t: DTYPE_IDS[t])
-@pytest.mark.parametrize("no_dnnl", [False, True], ids=["onednn", "aten-gemm"])
-def test_cpu_small_blocks(monkeypatch, dtype, no_dnnl):
-    """Many row blocks per thread plus a ragged tail, with and without the oneDNN GEMMs."""
-    if dtype == torch.float64 and not no_dnnl:
-        pytest.skip("fp64 always uses ATen GEMMs")
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_cpu_paths_small_blocks(monkeypatch, dtype, path):
+    """Every per-block path the C++ op can choose at run time (csrc/tune.h), forced by name, with
+    many row blocks per thread plus a ragged tail. m = 16/32/64 fill whole vectors (the
+    micro-kernels take them); m = 8 or 12 runs on a GEMM library whatever is asked, and forcing
+    "micro" there is an error that names the paths that exist."""
     if not _cpp_ok():
         pytest.skip("C++ backend not built")
+    why = _path_available(path, dtype)
+    if why:
+        pytest.skip(why)
     monkeypatch.setenv("FASTPEFT_ADAPTER_BR", "16")
-    if no_dnnl:
-        monkeypatch.setenv("FASTPEFT_CPU_GEMM", "aten")
-    check("cpu", 97, 129, 8, dtype, activation="gelu_tanh", scale="vector", p=0.2)
-    check("cpu", 97, 64, 16, dtype, activation="silu", scale="scalar", residual=True)
+    monkeypatch.setenv("FASTPEFT_CPU_CONFIG", path)
+    check("cpu", 97, 129, 16, dtype, activation="gelu_tanh", scale="vector", p=0.2)
+    check("cpu", 97, 64, 32, dtype, activation="silu", scale="scalar", residual=True)
+    check("cpu", 61, 40, 64, dtype, activation="relu", scale="vector", x_grad=False)
+    if path == "micro":
+        with pytest.raises(RuntimeError, match="FASTPEFT_CPU_CONFIG='micro' is not a configuration"):
+            check("cpu", 9, 32, 12, dtype)
+    else:
+        check("cpu", 97, 129, 12, dtype, activation="gelu", scale="scalar", p=0.1)
+
+
+def test_cpu_tuned_path_deterministic():
+    """A call big enough to be tuned: timed once per shape class, listed in tune_table, and
+    later calls give bit-identical outputs and gradients."""
+    if not _cpp_ok():
+        pytest.skip("C++ backend not built")
+    torch.ops.fastpeft_cpu.tune_reset()
+    g = torch.Generator().manual_seed(0)
+    M, d, m = 2048, 256, 64
+    x = torch.randn(M, d, generator=g, requires_grad=True)
+    Wd = (torch.randn(m, d, generator=g) * d ** -0.5).requires_grad_()
+    Wu = (torch.randn(d, m, generator=g) * m ** -0.5).requires_grad_()
+    bd, bu = torch.zeros(m, requires_grad=True), torch.zeros(d, requires_grad=True)
+    outs = []
+    for _ in range(3):
+        torch.manual_seed(5)
+        y = fastpeft.adapter(x, Wd, bd, Wu, bu, "gelu", 0.5, dropout_p=0.1, training=True, backend="cpu")
+        grads = torch.autograd.grad(y, (x, Wd, bd, Wu, bu), torch.ones_like(y))
+        outs.append((y.detach(),) + grads)
+    for o in outs[1:]:
+        for a, b in zip(outs[0], o):
+            assert torch.equal(a, b)
+    table = torch.ops.fastpeft_cpu.tune_table()
+    assert any(e.startswith("adapter_fwd Float M~2048 d=256 m=64 gelu drop") for e in table), table
+    assert any(e.startswith("adapter_bwd Float M~2048 d=256 m=64 gelu drop") for e in table), table
 
 
 # --- dropout statistics and determinism --------------------------------------------------

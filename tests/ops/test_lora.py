@@ -90,19 +90,75 @@ def test_large_rows(backend):
     check(backend, 1025, 129, 65, 64, torch.float32, p=0.1)
 
 
-# --- C++ blocking and GEMM paths ---------------------------------------------------------
-@pytest.mark.parametrize("gemm", ["onednn", "aten"])
-@pytest.mark.parametrize("r", [16, 7], ids=["r16-microkernel", "r7-blas"])
-def test_cpu_small_blocks(monkeypatch, gemm, r):
-    """Many row blocks and column tiles with ragged tails, on both GEMM paths (csrc/gemm.h)."""
+# --- C++ blocking, GEMM libraries and configurations ---------------------------------------
+PLACEMENTS = ["aten", "aten+blocked", "onednn", "onednn+blocked"]
+
+
+@pytest.mark.parametrize("rank_impl", ["micro", "blas"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("r", [16, 8, 7], ids=["r16", "r8", "r7"])
+def test_cpu_configs_small_blocks(monkeypatch, placement, rank_impl, r):
+    """Every configuration the C++ op can choose at run time (csrc/tune.h), forced by name
+    ("<placement>|<rank products>"), with many row blocks and column tiles with ragged tails.
+    r = 16 / 8 fill whole vectors (zmm / ymm micro-kernels); r = 7 has only the BLAS rank path,
+    and forcing the micro-kernels there is an error that lists the configurations that exist."""
     if not _cpp_ok():
         pytest.skip("C++ backend not built")
+    if placement.startswith("onednn") and "onednn ok" not in torch.ops.fastpeft_cpu.gemm_libs()[0]:
+        pytest.skip("oneDNN cannot run here: " + torch.ops.fastpeft_cpu.gemm_libs()[0])
+    config = f"{placement}|{rank_impl}"
     monkeypatch.setenv("FASTPEFT_LORA_BR", "16")
     monkeypatch.setenv("FASTPEFT_LORA_GB", "48")
-    monkeypatch.setenv("FASTPEFT_CPU_GEMM", gemm)
+    monkeypatch.setenv("FASTPEFT_CPU_CONFIG", config)
+    if r == 7 and rank_impl == "micro":
+        with pytest.raises(RuntimeError, match="is not a configuration of lora_fwd"):
+            check("cpu", 20, 129, 65, r, torch.float32)
+        return
     check("cpu", 203, 129, 1100, r, torch.float32, p=0.2)
     check("cpu", 97, 129, 65, r, torch.float32, noncontig=True, train_weight=True)
+    monkeypatch.setenv("FASTPEFT_CPU_CONFIG", config.replace("onednn", "aten"))  # fp64: ATen only
     check("cpu", 97, 129, 65, r, torch.float64, p=0.1)
+
+
+def test_cpu_unknown_config_is_an_error(monkeypatch):
+    if not _cpp_ok():
+        pytest.skip("C++ backend not built")
+    monkeypatch.setenv("FASTPEFT_CPU_CONFIG", "mkl+magic")
+    with pytest.raises(RuntimeError, match="FASTPEFT_CPU_CONFIG='mkl\\+magic' is not a configuration"):
+        check("cpu", 7, 9, 5, 2, torch.float32)
+    monkeypatch.delenv("FASTPEFT_CPU_CONFIG")
+    monkeypatch.setenv("FASTPEFT_CPU_GEMM", "blas")
+    with pytest.raises(RuntimeError, match="FASTPEFT_CPU_GEMM: expected 'aten', 'onednn' or 'auto'"):
+        check("cpu", 7, 9, 5, 2, torch.float32)
+
+
+@pytest.mark.parametrize("r", [16, 7], ids=["r16", "r7"])
+def test_cpu_tuned_choice_is_used_and_deterministic(monkeypatch, r):
+    """A call big enough to be tuned: the shape class is timed once, listed in tune_table, and
+    every later call gives bit-identical results (same configuration, fixed chunking)."""
+    if not _cpp_ok():
+        pytest.skip("C++ backend not built")
+    import fastpeft
+
+    torch.ops.fastpeft_cpu.tune_reset()
+    g = torch.Generator().manual_seed(0)
+    M, K, N = 512, 256, 320  # 42M multiply-adds: above the tuning threshold
+    x = torch.randn(M, K, generator=g, requires_grad=True)
+    W, b = torch.randn(N, K, generator=g) * K ** -0.5, torch.randn(N, generator=g)
+    A = (torch.randn(r, K, generator=g) * K ** -0.5).requires_grad_()
+    B = (torch.randn(N, r, generator=g) * 0.1).requires_grad_()
+    outs = []
+    for _ in range(4):
+        torch.manual_seed(3)  # same dropout seed every call
+        y = fastpeft.lora_linear(x, W, b, A, B, 2.0, dropout_p=0.1, training=True, backend="cpu")
+        gx, gA, gB = torch.autograd.grad(y, (x, A, B), torch.ones_like(y))
+        outs.append([y.detach(), gx, gA, gB])
+    for o in outs[1:]:
+        for a, c in zip(outs[0], o):
+            assert torch.equal(a, c)
+    table = torch.ops.fastpeft_cpu.tune_table()
+    assert any(e.startswith("lora_fwd Float M~512 K=256 N=320") for e in table), table
+    assert any(e.startswith("lora_bwd Float M~512 K=256 N=320") for e in table), table
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,0 +1,233 @@
+// Register-blocked micro-kernels for the skinny products of PEFT ops: one operand is
+// "rank-wide" (r = LoRA rank, or m = adapter bottleneck), the other a row block of x / dy.
+// Shared by csrc/lora_cpu.cpp and csrc/adapter_cpu.cpp.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "blas.h"
+
+namespace fastpeft {
+namespace rk {
+
+// Vector registers the kernels may fill with accumulators: AVX-512 has 32 (zmm or ymm), AVX2 16.
+#ifdef __AVX512F__
+constexpr int kRegs = 32;
+#else
+constexpr int kRegs = 16;
+#endif
+// Rows (rowvec) or columns (acct) per register block for r = NV vectors: RB·NV accumulators
+// plus NV loaded vectors, leaving a few registers for addresses and broadcasts.
+template <int NV>
+constexpr int rank_block() {
+  return kRegs == 32 ? (NV == 1 ? 16 : NV == 2 ? 12 : NV == 4 ? 6 : 3) : (NV <= 2 ? 8 : NV <= 4 ? 5 : 2);
+}
+
+// Rank-r micro-kernels. BLAS runs the k = r (= 16) GEMMs at ~45% of peak (packing dominates);
+// these register-blocked loops (GCC vector extensions, FMA-contracted) make the LoRA path cost
+// close to its flops. VB is the vector width in bytes: 64 (one zmm register) where the build has
+// AVX-512 and r fills whole 64-byte vectors, else 32 (AVX2 / AVX-512 ymm, or two SSE/NEON
+// registers on other CPUs). rowvec/acct need r = NV whole vectors (NV = 1, 2, 4 or 8); other
+// ranks use BLAS. outer vectorises over columns and takes any r <= 256.
+template <typename T, int VB> struct VecT { typedef T v __attribute__((vector_size(VB))); };
+template <typename T, int VB> constexpr int kV = VB / sizeof(T);  // lanes per vector
+
+template <typename T, int VB>
+inline typename VecT<T, VB>::v vload(const T* p) {
+  typename VecT<T, VB>::v v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T, int VB>
+inline void vstore(T* p, typename VecT<T, VB>::v v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// C[i, 0:r] = alpha · Σ_l X[i, l] · P[l, 0:r] for i < R.  X (R×L, row stride ldx), P (L×r)
+// contiguous, C (R×r, row stride ldc); r = NV vectors. Forward t = xd·Aᵀ (P = Aᵀ), backward
+// dt = s·dy·B (P = B).
+template <typename T, int VB, int NV, int RB>
+inline void rowvec_rows(int64_t L, const T* X, int64_t ldx, const T* P, T alpha, T* C, int64_t ldc) {
+  using V = typename VecT<T, VB>::v;
+  constexpr int W = kV<T, VB>;
+  V acc[RB][NV];
+  for (int a = 0; a < RB; ++a)
+    for (int q = 0; q < NV; ++q) acc[a][q] = V{};
+  for (int64_t l = 0; l < L; ++l) {
+    V p[NV];
+    for (int q = 0; q < NV; ++q) p[q] = vload<T, VB>(P + l * NV * W + q * W);
+    for (int a = 0; a < RB; ++a) {
+      const T xs = X[a * ldx + l];
+      for (int q = 0; q < NV; ++q) acc[a][q] += p[q] * xs;
+    }
+  }
+  for (int a = 0; a < RB; ++a)
+    for (int q = 0; q < NV; ++q) vstore<T, VB>(C + a * ldc + q * W, acc[a][q] * alpha);
+}
+
+template <typename T, int VB, int NV>
+void rowvec(int64_t R, int64_t L, const T* X, int64_t ldx, const T* P, T alpha, T* C, int64_t ldc) {
+  constexpr int RB = rank_block<NV>();
+  int64_t i = 0;
+  for (; i + RB <= R; i += RB) rowvec_rows<T, VB, NV, RB>(L, X + i * ldx, ldx, P, alpha, C + i * ldc, ldc);
+  for (; i < R; ++i) rowvec_rows<T, VB, NV, 1>(L, X + i * ldx, ldx, P, alpha, C + i * ldc, ldc);
+}
+
+// C[i, 0:W] = bias[0:W] (or 0) + S[i, 0:W] (or 0) + Σ_k Ts[i, k] · Q[k, 0:W] for i < R, with
+// Ts = alpha·T. T (R×r, stride ldt), Q (r×Wd, stride ldq), C (R×Wd, stride ldc), S (R×Wd,
+// stride lds; a residual, may alias C). LoRA forward y_blk = b + s·t·Bᵀ (Q = Bᵀ), backward
+// dx_blk = dt·A (Q = A); adapter y_blk = x_blk + c + h·Wusᵀ. Each output is written exactly once.
+template <typename T, int VB, int RB, int CV>
+inline void outer_tile(int64_t r, const T* Ts, const T* Q, int64_t ldq, const T* bias, T* C, int64_t ldc,
+                       const T* S, int64_t lds) {
+  using V = typename VecT<T, VB>::v;
+  constexpr int W = kV<T, VB>;
+  V acc[RB][CV];
+  for (int c = 0; c < CV; ++c) {
+    const V b0 = bias ? vload<T, VB>(bias + c * W) : V{};
+    for (int a = 0; a < RB; ++a) acc[a][c] = S ? b0 + vload<T, VB>(S + a * lds + c * W) : b0;
+  }
+  for (int64_t k = 0; k < r; ++k) {
+    V q[CV];
+    for (int c = 0; c < CV; ++c) q[c] = vload<T, VB>(Q + k * ldq + c * W);
+    for (int a = 0; a < RB; ++a) {
+      const T ts = Ts[a * r + k];
+      for (int c = 0; c < CV; ++c) acc[a][c] += q[c] * ts;
+    }
+  }
+  for (int a = 0; a < RB; ++a)
+    for (int c = 0; c < CV; ++c) vstore<T, VB>(C + a * ldc + c * W, acc[a][c]);
+}
+
+template <typename T, int VB, int RB>
+inline void outer_rows(int64_t Wd, int64_t r, const T* Ts, const T* Q, int64_t ldq, const T* bias, T* C,
+                       int64_t ldc, const T* S, int64_t lds) {
+  constexpr int W = kV<T, VB>;
+  constexpr int CV = RB == 1 ? 4 : 12 / RB;  // RB·CV accumulators + CV loads
+  int64_t j = 0;
+  for (; j + CV * W <= Wd; j += CV * W)
+    outer_tile<T, VB, RB, CV>(r, Ts, Q + j, ldq, bias ? bias + j : nullptr, C + j, ldc, S ? S + j : nullptr, lds);
+  for (; j + W <= Wd; j += W)
+    outer_tile<T, VB, RB, 1>(r, Ts, Q + j, ldq, bias ? bias + j : nullptr, C + j, ldc, S ? S + j : nullptr, lds);
+  for (; j < Wd; ++j)
+    for (int a = 0; a < RB; ++a) {
+      T acc = (bias ? bias[j] : T(0)) + (S ? S[a * lds + j] : T(0));
+      for (int64_t k = 0; k < r; ++k) acc += Ts[a * r + k] * Q[k * ldq + j];
+      C[a * ldc + j] = acc;
+    }
+}
+
+constexpr int64_t kOuterMaxRank = 256;
+
+template <typename T, int VB>
+void outer(int64_t R, int64_t Wd, int64_t r, const T* Tm, int64_t ldt, T alpha, const T* Q, int64_t ldq,
+           const T* bias, T* C, int64_t ldc, const T* S = nullptr, int64_t lds = 0) {
+  constexpr int RB = 4;
+  T ts[RB * kOuterMaxRank];  // alpha·T for RB rows (r <= kOuterMaxRank on this path)
+  int64_t i = 0;
+  for (; i < R; i += RB) {
+    const int rb = static_cast<int>(std::min<int64_t>(RB, R - i));
+    for (int a = 0; a < rb; ++a)
+      for (int64_t k = 0; k < r; ++k) ts[a * r + k] = alpha * Tm[(i + a) * ldt + k];
+    const T* Si = S ? S + i * lds : nullptr;
+    if (rb == RB) outer_rows<T, VB, RB>(Wd, r, ts, Q, ldq, bias, C + i * ldc, ldc, Si, lds);
+    else
+      for (int a = 0; a < rb; ++a)
+        outer_rows<T, VB, 1>(Wd, r, ts + a * r, Q, ldq, bias, C + (i + a) * ldc, ldc, Si ? Si + a * lds : nullptr, lds);
+  }
+}
+
+// D[w, 0:r] += Σ_i X[i, w] · T[i, 0:r] for w < Wd.  X (R×Wd, stride ldx), T (R×r) contiguous,
+// D (Wd×r) contiguous; r = NV vectors. Backward dB += dyᵀ·(s·t) and dAᵀ += drop(x)ᵀ·dt.
+template <typename T, int VB, int NV, int WB>
+inline void acct_cols(int64_t R, const T* X, int64_t ldx, const T* Tm, T* D) {
+  using V = typename VecT<T, VB>::v;
+  constexpr int W = kV<T, VB>;
+  V acc[WB][NV];
+  for (int b = 0; b < WB; ++b)
+    for (int q = 0; q < NV; ++q) acc[b][q] = vload<T, VB>(D + b * NV * W + q * W);
+  for (int64_t i = 0; i < R; ++i) {
+    V tv[NV];
+    for (int q = 0; q < NV; ++q) tv[q] = vload<T, VB>(Tm + i * NV * W + q * W);
+    for (int b = 0; b < WB; ++b) {
+      const T xs = X[i * ldx + b];
+      for (int q = 0; q < NV; ++q) acc[b][q] += tv[q] * xs;
+    }
+  }
+  for (int b = 0; b < WB; ++b)
+    for (int q = 0; q < NV; ++q) vstore<T, VB>(D + b * NV * W + q * W, acc[b][q]);
+}
+
+template <typename T, int VB, int NV>
+void acct(int64_t R, int64_t Wd, const T* X, int64_t ldx, const T* Tm, T* D) {
+  constexpr int WB = rank_block<NV>();
+  constexpr int r = NV * kV<T, VB>;
+  int64_t w = 0;
+  for (; w + WB <= Wd; w += WB) acct_cols<T, VB, NV, WB>(R, X + w, ldx, Tm, D + w * r);
+  for (; w < Wd; ++w) acct_cols<T, VB, NV, 1>(R, X + w, ldx, Tm, D + w * r);
+}
+
+// Vector width (bytes) of the micro-kernels for rank r, or 0: use BLAS.
+template <typename T>
+int rank_vb(int64_t r) {
+  auto whole = [r](int64_t lanes) {
+    const int64_t nv = r / lanes;
+    return r % lanes == 0 && nv >= 1 && nv <= 8 && (nv & (nv - 1)) == 0;
+  };
+#ifdef __AVX512F__
+  if (whole(64 / static_cast<int64_t>(sizeof(T)))) return 64;
+#endif
+  if (whole(32 / static_cast<int64_t>(sizeof(T)))) return 32;
+  return 0;
+}
+
+#define FASTPEFT_NV_CASES(T, VBV, R, ...)                                            \
+  switch ((R) / kV<T, VBV>) {                                                        \
+    case 1: { constexpr int VB = VBV, NV = 1; __VA_ARGS__; } break;                  \
+    case 2: { constexpr int VB = VBV, NV = 2; __VA_ARGS__; } break;                  \
+    case 4: { constexpr int VB = VBV, NV = 4; __VA_ARGS__; } break;                  \
+    default: { constexpr int VB = VBV, NV = 8; __VA_ARGS__; } break;                 \
+  }
+#ifdef __AVX512F__
+#define FASTPEFT_RANK_SWITCH(T, VBSEL, R, ...)                                       \
+  if ((VBSEL) == 64) { FASTPEFT_NV_CASES(T, 64, R, __VA_ARGS__) }                    \
+  else { FASTPEFT_NV_CASES(T, 32, R, __VA_ARGS__) }
+#else
+#define FASTPEFT_RANK_SWITCH(T, VBSEL, R, ...) FASTPEFT_NV_CASES(T, 32, R, __VA_ARGS__)
+#endif
+// outer() works at any vector width; the widest the build has.
+#ifdef __AVX512F__
+constexpr int kOuterVB = 64;
+#else
+constexpr int kOuterVB = 32;
+#endif
+
+// The same three products through BLAS (any r; on some CPUs faster than the kernels above,
+// on others slower: the ops choose by timing). Same operand layouts as their namesakes.
+// C (R×r) = alpha·X (R×L)·P (L×r)
+template <typename T>
+void rowvec_blas(int64_t R, int64_t L, int64_t r, const T* X, int64_t ldx, const T* P, T alpha, T* C, int64_t ldc) {
+  blas::mm_ab<T>(R, r, L, alpha, X, ldx, P, r, T(0), C, ldc);
+}
+
+// C (R×Wd) = bias + S + alpha·T (R×r)·Q (r×Wd)
+template <typename T>
+void outer_blas(int64_t R, int64_t Wd, int64_t r, const T* Tm, int64_t ldt, T alpha, const T* Q, int64_t ldq,
+                const T* bias, T* C, int64_t ldc, const T* S = nullptr, int64_t lds = 0) {
+  if (bias || S) {
+    for (int64_t i = 0; i < R; ++i) {
+      T* c = C + i * ldc;
+      const T* s = S ? S + i * lds : nullptr;
+#pragma omp simd
+      for (int64_t j = 0; j < Wd; ++j) c[j] = (bias ? bias[j] : T(0)) + (s ? s[j] : T(0));
+    }
+  }
+  blas::mm_ab<T>(R, Wd, r, alpha, Tm, ldt, Q, ldq, (bias || S) ? T(1) : T(0), C, ldc);
+}
+
+// D (Wd×r) += X (R×Wd)ᵀ · T (R×r)
+template <typename T>
+void acct_blas(int64_t R, int64_t Wd, int64_t r, const T* X, int64_t ldx, const T* Tm, T* D) {
+  blas::mm_aTb<T>(Wd, r, R, T(1), X, ldx, Tm, r, T(1), D, r);
+}
+
+}  // namespace rk
+}  // namespace fastpeft
