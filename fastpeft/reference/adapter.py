@@ -26,7 +26,9 @@ def activation_fn(name: str, z: torch.Tensor) -> torch.Tensor:
     if name == "relu":
         return F.relu(z)
     if name == "gelu":
-        return F.gelu(z)
+        # torch's vectorised float32 GELU returns NaN at +inf (its scalar and float64 paths, and
+        # the formula, give +inf): keep +inf so the oracle does not depend on the tensor's length
+        return torch.where(z == math.inf, z, F.gelu(z))
     if name == "gelu_tanh":
         return F.gelu(z, approximate="tanh")
     if name == "silu":
@@ -39,7 +41,9 @@ def activation_fn(name: str, z: torch.Tensor) -> torch.Tensor:
 def activation_grad(name: str, z: torch.Tensor) -> torch.Tensor:
     """``act'(z)`` elementwise, written out (not autograd) so backward kernels can mirror it."""
     if name == "relu":
-        return (z > 0).to(z.dtype)
+        # 0 where z <= 0, else 1 - also at NaN, as torch's relu backward (threshold_backward) and
+        # the C++ backend pass the gradient through there
+        return (~(z <= 0)).to(z.dtype)
     if name == "gelu":
         cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
         pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))

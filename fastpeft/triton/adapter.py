@@ -39,17 +39,24 @@ index ``i*m + j``), so masks are bit-identical to the reference and C++ backends
 Limits: the bottleneck is held in registers, padded to ``BLOCK_B = max(16, next_pow2(m))``
 (``tl.dot`` needs dims >= 16); m > 256 raises ValueError. fp16/bf16 multiply on tensor cores
 with fp32 accumulation; fp32 uses ``input_precision="tf32x3"`` on a GPU (tensor cores, about
-fp32-accurate) and ``"ieee"`` in the interpreter, so results are tight.
+fp32-accurate) and ``"ieee"`` in the interpreter, so results are tight; float64 is refused
+(``_common.unsupported_dtype``). Every operand is read through its strides (biases too: sliced
+or expanded stride-0 biases are fine) and every address product is int64
+(``fastpeft/triton/_common.py``).
+
+Non-finite values follow the reference: ReLU keeps NaN (``relu(nan) = nan``) and passes the
+gradient through at NaN (torch's ``threshold_backward``: zero only where ``z <= 0``); dropout
+multiplies by the 0/1 mask, so a dropped NaN/inf stays NaN. (On a GPU, fp32 dots in tf32x3 split
+each operand into a tf32 part and a remainder, and the remainder of ±inf is NaN: fp32 inputs with
+±inf give NaN where the reference gives ±inf.)
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from fastpeft import _dropout
+from fastpeft.triton import _common
 from fastpeft.triton._common import dropout_keep as _keep
 
 #: name -> tl.constexpr code used by the kernels
@@ -75,7 +82,7 @@ def _tanh(a):
 def _act(z, ACT: tl.constexpr):
     """act(z) in fp32; ACT: 0 identity, 1 relu, 2 gelu (erf), 3 gelu_tanh, 4 silu."""
     if ACT == 1:
-        return tl.maximum(z, 0.0)
+        return tl.where(z < 0.0, 0.0, z)  # NaN stays NaN (tl.maximum would return 0), like torch.relu
     elif ACT == 2:
         return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
@@ -91,7 +98,7 @@ def _act(z, ACT: tl.constexpr):
 def _act_grad(z, ACT: tl.constexpr):
     """act'(z) in fp32, the same formulas as fastpeft.reference.adapter.activation_grad."""
     if ACT == 1:
-        return tl.where(z > 0.0, 1.0, 0.0)
+        return tl.where(z <= 0.0, 0.0, 1.0)  # 1 at NaN: torch's relu backward passes the gradient there
     elif ACT == 2:
         cdf = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
@@ -113,15 +120,15 @@ def _act_grad(z, ACT: tl.constexpr):
 def _adapter_fwd_kernel(
     x_ptr,      # (M, d) input, strides (sxm, sxd)
     wd_ptr,     # (m, d) down_weight, strides (swd_m, swd_d)
-    bd_ptr,     # (m,) down_bias (unused when HAS_BD is False)
+    bd_ptr,     # (m,) down_bias, stride sbd (unused when HAS_BD is False)
     wu_ptr,     # (d, m) up_weight, strides (swu_d, swu_m)
-    bu_ptr,     # (d,) up_bias (unused when HAS_BU is False)
+    bu_ptr,     # (d,) up_bias, stride sbu (unused when HAS_BU is False)
     s_ptr,      # (d,) scale, stride ss (0 for an expanded scalar)
     r_ptr,      # (M, d) residual, strides (srm, srd); x itself when the adapter is sequential
     y_ptr,      # (M, d) output, contiguous
     z_ptr,      # (M, m) pre-activation output, contiguous
     M, d, m,
-    sxm, sxd, swd_m, swd_d, swu_d, swu_m, ss, srm, srd,
+    sxm, sxd, swd_m, swd_d, sbd, swu_d, swu_m, sbu, ss, srm, srd,
     seed,       # dropout seed (int, < 2**31)
     thr,        # uint32 keep threshold (an element is kept iff hash >= thr)
     inv_keep,   # 1 / (1 - p)
@@ -129,7 +136,7 @@ def _adapter_fwd_kernel(
     HAS_BU: tl.constexpr,    # up_bias given
     ACT: tl.constexpr,       # activation code (see _act)
     DROPOUT: tl.constexpr,   # dropout active (p > 0)
-    PREC: tl.constexpr,      # tl.dot input_precision: "tf32x3" (fp32 on GPU), "ieee" (interpreter, fp64)
+    PREC: tl.constexpr,      # tl.dot input_precision: "tf32x3" (fp32 on GPU), "ieee" (interpreter)
     BLOCK_M: tl.constexpr,   # rows per program
     BLOCK_B: tl.constexpr,   # padded bottleneck (>= 16, power of two, >= m)
     BLOCK_D: tl.constexpr,   # d-tile of both projections
@@ -137,49 +144,51 @@ def _adapter_fwd_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: M*d may exceed 2**31
     rmask = rows < M
-    cb = tl.arange(0, BLOCK_B)
+    cb = tl.arange(0, BLOCK_B).to(tl.int64)
     bmask = cb < m
-    cd = tl.arange(0, BLOCK_D)
+    cd = tl.arange(0, BLOCK_D).to(tl.int64)
 
     # ---- down-projection: z = x·Wdᵀ (+ bd), fp32 accumulator (BLOCK_M, BLOCK_B)
     z = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
     for k0 in range(0, d, BLOCK_D):
         ck = k0 + cd
         kmask = ck < d
-        xt = tl.load(x_ptr + rows[:, None] * sxm + ck[None, :].to(tl.int64) * sxd,
+        xt = tl.load(x_ptr + rows[:, None] * sxm + ck[None, :] * sxd,
                      mask=rmask[:, None] & kmask[None, :], other=0.0)
         # Wdᵀ tile (BLOCK_D, BLOCK_B); padded bottleneck columns load 0 so they add nothing
-        wdt = tl.load(wd_ptr + cb[None, :] * swd_m + ck[:, None].to(tl.int64) * swd_d,
+        wdt = tl.load(wd_ptr + cb[None, :] * swd_m + ck[:, None] * swd_d,
                       mask=kmask[:, None] & bmask[None, :], other=0.0)
         z = tl.dot(xt, wdt, z, input_precision=PREC)
     if HAS_BD:
-        z += tl.load(bd_ptr + cb, mask=bmask, other=0.0).to(tl.float32)[None, :]
+        z += tl.load(bd_ptr + cb * sbd, mask=bmask, other=0.0).to(tl.float32)[None, :]
+    # padded bottleneck columns hold x·0, which is NaN where x is ±inf: zero them so h·Wuᵀ
+    # only sums the m real columns (act(0) = 0 for every activation)
+    z = tl.where(bmask[None, :], z, 0.0)
     zmask = rmask[:, None] & bmask[None, :]
     tl.store(z_ptr + rows[:, None] * m + cb[None, :], z.to(z_ptr.dtype.element_ty), mask=zmask)
 
     # ---- activation + dropout in registers (padded columns: act(0) = 0 for every activation)
     h = _act(z, ACT)
-    if DROPOUT:
+    if DROPOUT:  # h·mask/(1-p) like the reference: a dropped NaN/inf gives NaN
         keep = _keep(seed, rows[:, None] * m + cb[None, :], thr)
-        h = tl.where(keep, h * inv_keep, 0.0)
+        h = h * (keep.to(tl.float32) * inv_keep)
     h = h.to(x_ptr.dtype.element_ty)  # tensor-core operand in the input dtype, like the reference
 
     # ---- up-projection, bias, scale, residual: y = R + scale ⊙ (h·Wuᵀ + bu)
     for n0 in range(0, d, BLOCK_D):
         cn = n0 + cd
         nmask = cn < d
-        cn64 = cn.to(tl.int64)
         # Wuᵀ tile (BLOCK_B, BLOCK_D)
-        wut = tl.load(wu_ptr + cn64[None, :] * swu_d + cb[:, None] * swu_m,
+        wut = tl.load(wu_ptr + cn[None, :] * swu_d + cb[:, None] * swu_m,
                       mask=bmask[:, None] & nmask[None, :], other=0.0)
         u = tl.dot(h, wut, input_precision=PREC)
         if HAS_BU:
-            u += tl.load(bu_ptr + cn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        sc = tl.load(s_ptr + cn64 * ss, mask=nmask, other=0.0).to(tl.float32)
+            u += tl.load(bu_ptr + cn * sbu, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        sc = tl.load(s_ptr + cn * ss, mask=nmask, other=0.0).to(tl.float32)
         omask = rmask[:, None] & nmask[None, :]
-        res = tl.load(r_ptr + rows[:, None] * srm + cn64[None, :] * srd, mask=omask, other=0.0)
+        res = tl.load(r_ptr + rows[:, None] * srm + cn[None, :] * srd, mask=omask, other=0.0)
         y = res.to(tl.float32) + sc[None, :] * u
-        tl.store(y_ptr + rows[:, None] * d + cn64[None, :], y.to(y_ptr.dtype.element_ty), mask=omask)
+        tl.store(y_ptr + rows[:, None] * d + cn[None, :], y.to(y_ptr.dtype.element_ty), mask=omask)
 
 
 # --------------------------------------------------------------------------------------
@@ -209,19 +218,19 @@ def _adapter_bwd_dz_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = rows < M
-    cb = tl.arange(0, BLOCK_B)
+    cb = tl.arange(0, BLOCK_B).to(tl.int64)
     bmask = cb < m
     zmask = rmask[:, None] & bmask[None, :]
-    cd = tl.arange(0, BLOCK_D)
+    cd = tl.arange(0, BLOCK_D).to(tl.int64)
 
     # recompute the activation (cheaper than storing it in forward) and regenerate the mask
     z = tl.load(z_ptr + rows[:, None] * szm + cb[None, :] * szb, mask=zmask, other=0.0).to(tl.float32)
     h = _act(z, ACT)
     dmul = _act_grad(z, ACT)
-    if DROPOUT:
-        keep = _keep(seed, rows[:, None] * m + cb[None, :], thr)
-        h = tl.where(keep, h * inv_keep, 0.0)
-        dmul = tl.where(keep, dmul * inv_keep, 0.0)
+    if DROPOUT:  # multiplied, not selected, like the reference (a dropped NaN/inf gives NaN)
+        keep = _keep(seed, rows[:, None] * m + cb[None, :], thr).to(tl.float32) * inv_keep
+        h = h * keep
+        dmul = dmul * keep
     tl.store(h_ptr + rows[:, None] * m + cb[None, :], h.to(h_ptr.dtype.element_ty), mask=zmask)
 
     # dh = (dy ⊙ scale)·Wu, folded as dy·(scale ⊙ Wu) so the scale touches the small tile
@@ -229,12 +238,11 @@ def _adapter_bwd_dz_kernel(
     for n0 in range(0, d, BLOCK_D):
         cn = n0 + cd
         nmask = cn < d
-        cn64 = cn.to(tl.int64)
-        dyt = tl.load(dy_ptr + rows[:, None] * sdym + cn64[None, :] * sdyd,
+        dyt = tl.load(dy_ptr + rows[:, None] * sdym + cn[None, :] * sdyd,
                       mask=rmask[:, None] & nmask[None, :], other=0.0)
-        wut = tl.load(wu_ptr + cn64[:, None] * swu_d + cb[None, :] * swu_m,
+        wut = tl.load(wu_ptr + cn[:, None] * swu_d + cb[None, :] * swu_m,
                       mask=nmask[:, None] & bmask[None, :], other=0.0)
-        sc = tl.load(s_ptr + cn64 * ss, mask=nmask, other=0.0).to(tl.float32)
+        sc = tl.load(s_ptr + cn * ss, mask=nmask, other=0.0).to(tl.float32)
         wus = (wut.to(tl.float32) * sc[:, None]).to(dy_ptr.dtype.element_ty)
         dh = tl.dot(dyt, wus, dh, input_precision=PREC)
     dz = dh * dmul  # rows/cols outside the matrix are 0 here (masked dy / Wu)
@@ -263,18 +271,17 @@ def _adapter_bwd_dw_kernel(
     BLOCK_B: tl.constexpr,        # padded bottleneck
     BLOCK_N: tl.constexpr,        # d-tile owned by this program
 ):
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     nmask = cn < d
-    cn64 = cn.to(tl.int64)
-    cb = tl.arange(0, BLOCK_B)
+    cb = tl.arange(0, BLOCK_B).to(tl.int64)
     bmask = cb < m
     rm = tl.arange(0, BLOCK_M).to(tl.int64)
 
     if NEED_X:
         # the Wd tile is the same for every row: load it once per program
-        wdt = tl.load(wd_ptr + cb[:, None] * swd_m + cn64[None, :] * swd_d,
+        wdt = tl.load(wd_ptr + cb[:, None] * swd_m + cn[None, :] * swd_d,
                       mask=bmask[:, None] & nmask[None, :], other=0.0)
     g_acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
     dwd_acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
@@ -287,8 +294,8 @@ def _adapter_bwd_dw_kernel(
         rmask = rows < row_end
         tmask = rmask[:, None] & nmask[None, :]
         bm = rmask[:, None] & bmask[None, :]
-        dyt = tl.load(dy_ptr + rows[:, None] * sdym + cn64[None, :] * sdyd, mask=tmask, other=0.0)
-        xt = tl.load(x_ptr + rows[:, None] * sxm + cn64[None, :] * sxd, mask=tmask, other=0.0)
+        dyt = tl.load(dy_ptr + rows[:, None] * sdym + cn[None, :] * sdyd, mask=tmask, other=0.0)
+        xt = tl.load(x_ptr + rows[:, None] * sxm + cn[None, :] * sxd, mask=tmask, other=0.0)
         ht = tl.load(h_ptr + rows[:, None] * m + cb[None, :], mask=bm, other=0.0)
         dzt = tl.load(dz_ptr + rows[:, None] * m + cb[None, :], mask=bm, other=0.0)
         g_acc = tl.dot(tl.trans(dyt), ht, g_acc, input_precision=PREC)
@@ -298,23 +305,19 @@ def _adapter_bwd_dw_kernel(
             dx = tl.dot(dzt, wdt, input_precision=PREC)
             if RESIDUAL_IS_X:
                 dx += dyt.to(tl.float32)
-            tl.store(dx_ptr + rows[:, None] * d + cn64[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tmask)
+            tl.store(dx_ptr + rows[:, None] * d + cn[None, :], dx.to(dx_ptr.dtype.element_ty), mask=tmask)
 
     base = pid_s.to(tl.int64)
-    tl.store(g_ptr + base * d * m + cn64[:, None] * m + cb[None, :], g_acc,
+    tl.store(g_ptr + base * d * m + cn[:, None] * m + cb[None, :], g_acc,
              mask=nmask[:, None] & bmask[None, :])
-    tl.store(dwd_ptr + base * m * d + cb[:, None].to(tl.int64) * d + cn64[None, :], dwd_acc,
+    tl.store(dwd_ptr + base * m * d + cb[:, None] * d + cn[None, :], dwd_acc,
              mask=bmask[:, None] & nmask[None, :])
-    tl.store(cs_ptr + base * d + cn64, cs_acc, mask=nmask)
+    tl.store(cs_ptr + base * d + cn, cs_acc, mask=nmask)
 
 
 # --------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------
-def _on_gpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"
-
-
 def _block_b(m: int) -> int:
     if m > MAX_BOTTLENECK:
         raise ValueError(f"down_weight: the triton adapter keeps the bottleneck in registers and supports "
@@ -347,14 +350,14 @@ def gpu_dw_config(block_b: int, elem_size: int):
 
 
 def _fwd_config(x: torch.Tensor, block_b: int):
-    if not _on_gpu(x):  # interpreter: small tiles so tests cover the loops and the masks
+    if _common.small_tiles(x):
         return 16, 32, 4
     return gpu_fwd_config(block_b, x.element_size())
 
 
 def _dw_config(x: torch.Tensor, block_b: int):
     """(BLOCK_M, BLOCK_N, num_warps, target number of programs)."""
-    if not _on_gpu(x):
+    if _common.small_tiles(x):
         return 16, 32, 4, 8
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     return (*gpu_dw_config(block_b, x.element_size()), 2 * sms)
@@ -362,18 +365,11 @@ def _dw_config(x: torch.Tensor, block_b: int):
 
 def _precision(x: torch.Tensor) -> str:
     """tl.dot input_precision. fp32 on a GPU: "tf32x3" (three tf32 tensor-core products, ~fp32
-    accurate; "ieee" would fall back to FMA loops that spill registers). The interpreter and
-    fp64 use "ieee". 16-bit inputs ignore it (native tensor-core dot, fp32 accumulation)."""
-    if x.dtype == torch.float32 and _on_gpu(x):
+    accurate; "ieee" would fall back to FMA loops that spill registers). The interpreter uses
+    "ieee". 16-bit inputs ignore it (native tensor-core dot, fp32 accumulation)."""
+    if x.dtype == torch.float32 and not _common.small_tiles(x):
         return "tf32x3"
     return "ieee"
-
-
-def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]):
-    """(DROPOUT, seed int, uint32 threshold, 1/(1-p)) for the kernels."""
-    if seed is None or dropout_p == 0.0:
-        return False, 0, 0, 1.0
-    return True, int(seed), _dropout.threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 def _act_code(activation: str) -> int:
@@ -385,7 +381,8 @@ def _act_code(activation: str) -> int:
 
 def adapter_fwd_triton(x, down_weight, down_bias, up_weight, up_bias, scale, residual, activation: str,
                        dropout_p: float, seed):
-    """x (M, d) -> (y (M, d), z (M, m)); any strides (scale may be a stride-0 (d,) view)."""
+    """x (M, d) -> (y (M, d), z (M, m)); any strides (scale and biases may be stride-0 views)."""
+    _common.check_dtype(x, "adapter")
     M, d = x.shape
     m = down_weight.shape[0]
     block_b = _block_b(m)
@@ -394,7 +391,7 @@ def adapter_fwd_triton(x, down_weight, down_bias, up_weight, up_bias, scale, res
     z = torch.empty((M, m), dtype=x.dtype, device=x.device)
     if M == 0:
         return y, z
-    dropout, seed_i, thr, inv_keep = _dropout_args(dropout_p, seed)
+    dropout, seed_i, thr, inv_keep = _common.dropout_args(dropout_p, seed)
     r = x if residual is None else residual
     block_m, block_d, warps = _fwd_config(x, block_b)
     grid = (triton.cdiv(M, block_m),)
@@ -403,7 +400,8 @@ def adapter_fwd_triton(x, down_weight, down_bias, up_weight, up_bias, scale, res
         up_weight if up_bias is None else up_bias, scale, r, y, z,
         M, d, m,
         x.stride(0), x.stride(1), down_weight.stride(0), down_weight.stride(1),
-        up_weight.stride(0), up_weight.stride(1), scale.stride(0), r.stride(0), r.stride(1),
+        0 if down_bias is None else down_bias.stride(0), up_weight.stride(0), up_weight.stride(1),
+        0 if up_bias is None else up_bias.stride(0), scale.stride(0), r.stride(0), r.stride(1),
         seed_i, thr, inv_keep,
         HAS_BD=down_bias is not None, HAS_BU=up_bias is not None, ACT=act, DROPOUT=dropout,
         PREC=_precision(x), BLOCK_M=block_m, BLOCK_B=block_b, BLOCK_D=block_d,
@@ -418,6 +416,7 @@ def adapter_bwd_triton(dy, x, down_weight, up_weight, up_bias, z, scale, activat
 
     Unneeded dx / dscale are returned empty (the contract).
     """
+    _common.check_dtype(x, "adapter")
     M, d = x.shape
     m = down_weight.shape[0]
     block_b = _block_b(m)
@@ -428,7 +427,7 @@ def adapter_bwd_triton(dy, x, down_weight, up_weight, up_bias, z, scale, activat
         zeros = lambda *s: torch.zeros(s, dtype=dt, device=dev)  # noqa: E731
         ds = zeros(d) if need_scale else x.new_empty(0)
         return dx, zeros(m, d), zeros(m), zeros(d, m), zeros(d), ds
-    dropout, seed_i, thr, inv_keep = _dropout_args(dropout_p, seed)
+    dropout, seed_i, thr, inv_keep = _common.dropout_args(dropout_p, seed)
     prec = _precision(x)
 
     # kernel 1: dz, h (M, m) and per-row-block sums of dz

@@ -37,7 +37,10 @@ Dropout uses ``fastpeft._dropout``'s hash (uint32 murmur3 finaliser of the seed 
 element index ``i*K + j`` of the logical (M, K) matrix), so masks are bit-identical to the
 reference and C++ backends and backward regenerates them instead of storing them.
 
-All loads are masked (no divisibility assumption on M, N, K, r); row offsets are int64.
+All loads are masked (no divisibility assumption on M, N, K, r); every operand is read through
+its strides (the bias too: a sliced or expanded stride-0 bias is fine) and every address product
+is int64 (``fastpeft/triton/_common.py``). Dropout multiplies by the 0/1 mask like the reference,
+so a dropped NaN/inf stays NaN. float64 is refused (``_common.unsupported_dtype``).
 fp16/bf16 operands multiply on tensor cores with fp32 accumulation; fp32 uses
 ``input_precision="ieee"`` so results are tight. t and dt are kept in x's dtype (they are
 tensor-core operands). On CUDA the two GEMM kernels are autotuned over H100-friendly tiles;
@@ -45,19 +48,15 @@ under ``TRITON_INTERPRET=1`` small fixed tiles make the tests cover the loops an
 """
 from __future__ import annotations
 
-import os
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
-from fastpeft import _dropout
+from fastpeft.triton import _common
+from fastpeft.triton._common import autotune as _autotune
 from fastpeft.triton._common import dot as _dot
 from fastpeft.triton._common import dropout_keep as _keep
 
-#: the interpreter cannot autotune (no CUDA timing): fixed configs are passed instead
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: the largest rank: dt / t rows of a row block are held in registers padded to next_pow2(r)
 MAX_RANK = 256
 
@@ -70,9 +69,11 @@ MAX_RANK = 256
 @triton.jit
 def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """Grouped ("super-row") program order: GROUP_M row blocks share the same column blocks
-    of the weight while they are hot in L2."""
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    of the weight while they are hot in L2. int64 tile ids (their products with the tile sizes
+    are addresses)."""
+    pid = pid.to(tl.int64)
+    num_m = tl.cdiv(M, BLOCK_M).to(tl.int64)
+    num_n = tl.cdiv(N, BLOCK_N).to(tl.int64)
     group = GROUP_M * num_n
     first_m = (pid // group) * GROUP_M
     size_m = tl.minimum(num_m - first_m, GROUP_M)
@@ -92,11 +93,8 @@ def _gemm_configs(tile_a: str, tile_b: str):
     return cfgs
 
 
-def _autotune(configs, key, **kw):
-    """triton.autotune on CUDA; the identity under the interpreter (configs are passed by the caller)."""
-    def deco(fn):
-        return fn if _INTERPRET else triton.autotune(configs=configs, key=key, **kw)(fn)
-    return deco
+#: the config of FASTPEFT_TRITON_AUTOTUNE=0 (test runs): small enough for fp32 operands' shared memory
+_FIXED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=3, num_warps=4)
 
 
 # --------------------------------------------------------------------------------------
@@ -121,7 +119,7 @@ def _lora_down_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)  # int64: M*K may exceed 2**31
     rmask = rows < M
-    cr = tl.arange(0, BLOCK_R)
+    cr = tl.arange(0, BLOCK_R).to(tl.int64)
     rkmask = cr < r
     ck0 = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -133,7 +131,7 @@ def _lora_down_kernel(
         if DROPOUT:
             # mask element (i, j) of the logical (M, K) matrix: index i*K + j
             keep = _keep(seed, rows[:, None] * K + ck[None, :], thr)
-            xt = tl.where(keep, xt, tl.zeros_like(xt))
+            xt = xt * keep.to(xt.dtype)  # x·mask like the reference: a dropped NaN/inf gives NaN
         # Aᵀ tile (BLOCK_K, BLOCK_R); padded rank columns load 0 and add nothing
         at = tl.load(a_ptr + cr[None, :] * sar + ck[:, None] * sak, mask=kmask[:, None] & rkmask[None, :],
                      other=0.0)
@@ -144,17 +142,17 @@ def _lora_down_kernel(
              mask=rmask[:, None] & rkmask[None, :])
 
 
-@_autotune(_gemm_configs("BLOCK_K", "BLOCK_N"), key=["M", "N", "K", "r"])
+@_autotune(_gemm_configs("BLOCK_K", "BLOCK_N"), key=["M", "N", "K", "r"], fixed=_FIXED)
 @triton.jit
 def _lora_fwd_kernel(
     x_ptr,      # (M, K) input, strides (sxm, sxk)
     w_ptr,      # (N, K) base weight, strides (swn, swk)
-    b_ptr,      # (N,) bias (unused when HAS_BIAS is False)
+    b_ptr,      # (N,) bias, stride sb (0 for an expanded one); unused when HAS_BIAS is False
     t_ptr,      # (M, r) t from _lora_down_kernel, contiguous
     lb_ptr,     # (N, r) lora_B, strides (sbn, sbr)
     y_ptr,      # (M, N) out, contiguous
     M, N, K, r,
-    sxm, sxk, swn, swk, sbn, sbr,
+    sxm, sxk, swn, swk, sb, sbn, sbr,
     scaling,    # LoRA scale s
     HAS_BIAS: tl.constexpr,  # bias given
     IEEE: tl.constexpr,      # fp32 inputs: exact dot products
@@ -184,7 +182,7 @@ def _lora_fwd_kernel(
 
     # rank-r update as extra K-steps of the same accumulator: acc += (s·t)·Bᵀ.
     # s is folded into the small t tile (BLOCK_M x BLOCK_R), not into the M×N result.
-    cr0 = tl.arange(0, BLOCK_R)
+    cr0 = tl.arange(0, BLOCK_R).to(tl.int64)
     for r0 in range(0, r, BLOCK_R):
         cr = r0 + cr0
         crmask = cr < r
@@ -195,7 +193,7 @@ def _lora_fwd_kernel(
         acc = _dot(tt, bt, acc, IEEE)
 
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + cols * sb, mask=nmask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=rmask[:, None] & nmask[None, :])
 
@@ -221,7 +219,7 @@ def _lora_bwd_dt_kernel(
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = rows < M
-    cr = tl.arange(0, BLOCK_R)
+    cr = tl.arange(0, BLOCK_R).to(tl.int64)
     crmask = cr < r
     trmask = rmask[:, None] & crmask[None, :]
     # this row block's t, loaded once for every N-tile's dB contribution
@@ -242,7 +240,8 @@ def _lora_bwd_dt_kernel(
     tl.store(dt_ptr + rows[:, None] * r + cr[None, :], (dt * scaling).to(dt_ptr.dtype.element_ty), mask=trmask)
 
 
-@_autotune(_gemm_configs("BLOCK_N", "BLOCK_K"), key=["M", "N", "K", "r", "NEED_X"], reset_to_zero=["da_ptr"])
+@_autotune(_gemm_configs("BLOCK_N", "BLOCK_K"), key=["M", "N", "K", "r", "NEED_X"], fixed=_FIXED,
+           reset_to_zero=["da_ptr"])
 @triton.jit(do_not_specialize=["seed", "thr"])
 def _lora_bwd_dx_kernel(
     dy_ptr,     # (M, N) upstream gradient, strides (sdm, sdn)
@@ -278,9 +277,9 @@ def _lora_bwd_dx_kernel(
         keep = _keep(seed, rows[:, None] * K + ck[None, :], thr)
     xt = tl.load(x_ptr + rows[:, None] * sxm + ck[None, :] * sxk, mask=tmask, other=0.0)
     if DROPOUT:
-        xt = tl.where(keep, xt, tl.zeros_like(xt))
+        xt = xt * keep.to(xt.dtype)  # mask⊙x like the reference (a dropped NaN/inf gives NaN)
 
-    cr0 = tl.arange(0, BLOCK_R)
+    cr0 = tl.arange(0, BLOCK_R).to(tl.int64)
     lo = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for r0 in range(0, r, BLOCK_R):
         cr = r0 + cr0
@@ -298,7 +297,7 @@ def _lora_bwd_dx_kernel(
         # dx = (dt·A)⊙mask/(1-p) + dy·W: the masked LoRA term is the GEMM's initial accumulator,
         # so only one (BLOCK_M, BLOCK_K) fp32 tile is live during the main loop
         if DROPOUT:
-            acc = tl.where(keep, lo * inv_keep, 0.0)
+            acc = lo * (keep.to(tl.float32) * inv_keep)
         else:
             acc = lo
         cn0 = tl.arange(0, BLOCK_N)
@@ -316,10 +315,6 @@ def _lora_bwd_dx_kernel(
 # --------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------
-def _ieee(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float32, torch.float64)
-
-
 def _block_r(r: int) -> int:
     if r > MAX_RANK:
         raise ValueError(f"lora_A: the triton LoRA kernels support ranks 1..{MAX_RANK}, got r = {r}; "
@@ -327,16 +322,9 @@ def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _dropout_args(dropout_p: float, seed: Optional[torch.Tensor]):
-    """(DROPOUT, seed int, uint32 threshold, 1/(1-p)) for the kernels."""
-    if seed is None or dropout_p == 0.0:
-        return False, 0, 0, 1.0
-    return True, int(seed), _dropout.threshold(dropout_p), 1.0 / (1.0 - dropout_p)
-
-
 def _row_config(x: torch.Tensor, block_r: int):
     """(BLOCK_M, BLOCK_K/N, num_warps) of the row-block kernels (t and dt/dB), register-bound by r."""
-    if x.device.type != "cuda":  # interpreter: small tiles so tests cover the loops and the masks
+    if _common.small_tiles(x):
         return 16, 32, 4
     if block_r <= 32:
         return 128, 128, 8
@@ -355,6 +343,7 @@ _INTERP_GEMM = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
 
 def lora_fwd_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: float, seed):
     """x (M, K) -> (y (M, N), t (M, r)) with ``t = drop(x)·Aᵀ``; any strides."""
+    _common.check_dtype(x, "lora")
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
     block_r = _block_r(r)
@@ -362,8 +351,8 @@ def lora_fwd_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
     t = torch.empty((M, r), dtype=x.dtype, device=x.device)
     if M == 0:
         return y, t
-    dropout, seed_i, thr, inv_keep = _dropout_args(dropout_p, seed)
-    ieee = _ieee(x.dtype)
+    dropout, seed_i, thr, inv_keep = _common.dropout_args(dropout_p, seed)
+    ieee = _common.ieee(x.dtype)
 
     bm, bk, warps = _row_config(x, block_r)
     _lora_down_kernel[(triton.cdiv(M, bm),)](
@@ -374,22 +363,18 @@ def lora_fwd_triton(x, weight, bias, lora_A, lora_B, scaling: float, dropout_p: 
     )
 
     args = (x, weight, weight if bias is None else bias, t, lora_B, y, M, N, K, r,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_B.stride(0), lora_B.stride(1),
-            float(scaling))
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0),
+            lora_B.stride(0), lora_B.stride(1), float(scaling))
     meta = dict(HAS_BIAS=bias is not None, IEEE=ieee, BLOCK_R=_chunk_r(block_r))
-    if _INTERPRET:
-        c = _INTERP_GEMM
-        grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
-        _lora_fwd_kernel[grid](*args, **meta, **c)
-    else:
-        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(N, META["BLOCK_N"]),)  # noqa: E731
-        _lora_fwd_kernel[grid](*args, **meta)
+    _common.launch(_lora_fwd_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),),
+                   args, meta, _INTERP_GEMM)
     return y, t
 
 
 def lora_bwd_triton(dy, x, weight, lora_A, lora_B, t, scaling: float, dropout_p: float, seed,
                     need_x: bool, need_weight: bool, need_bias: bool):
     """dy (M, N) -> (dx (M, K), dW (N, K), db (N,), dA (r, K), dB (N, r)); unneeded ones empty."""
+    _common.check_dtype(x, "lora")
     M, K = x.shape
     N, r = weight.shape[0], lora_A.shape[0]
     block_r = _block_r(r)
@@ -402,8 +387,8 @@ def lora_bwd_triton(dy, x, weight, lora_A, lora_B, t, scaling: float, dropout_p:
         dW = torch.zeros((N, K), dtype=dt_, device=dev) if need_weight else empty()
         db = torch.zeros((N,), dtype=dt_, device=dev) if need_bias else empty()
         return dx, dW, db, torch.zeros_like(lora_A), torch.zeros_like(lora_B)
-    dropout, seed_i, thr, inv_keep = _dropout_args(dropout_p, seed)
-    ieee = _ieee(dt_)
+    dropout, seed_i, thr, inv_keep = _common.dropout_args(dropout_p, seed)
+    ieee = _common.ieee(dt_)
 
     # 1. dt = s·dy·B (M, r) and dB = s·dyᵀ·t, one read of dy
     bm, bn, warps = _row_config(x, block_r)
@@ -422,13 +407,8 @@ def lora_bwd_triton(dy, x, weight, lora_A, lora_B, t, scaling: float, dropout_p:
             dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), x.stride(0), x.stride(1),
             lora_A.stride(0), lora_A.stride(1), seed_i, thr, inv_keep)
     meta = dict(NEED_X=need_x, DROPOUT=dropout, IEEE=ieee, BLOCK_R=_chunk_r(block_r))
-    if _INTERPRET:
-        c = _INTERP_GEMM
-        grid = (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),)
-        _lora_bwd_dx_kernel[grid](*args, **meta, **c)
-    else:
-        grid = lambda META: (triton.cdiv(M, META["BLOCK_M"]) * triton.cdiv(K, META["BLOCK_K"]),)  # noqa: E731
-        _lora_bwd_dx_kernel[grid](*args, **meta)
+    _common.launch(_lora_bwd_dx_kernel, lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),),
+                   args, meta, _INTERP_GEMM)
 
     dA = (dA32 * inv_keep).to(dt_) if dropout else dA32.to(dt_)
     dB = (dB32 * float(scaling)).to(dt_)

@@ -30,39 +30,45 @@ partial buffer is only B·Hkv·P·D (prefixes are short), so atomics would save 
 their nondeterminism. For Bp = B the kernel writes dprefix directly.
 
 All loads are masked (no divisibility assumption on L, S, P or D; D is padded to a power of
-two >= 16 for ``tl.dot``); batch/head offsets are int64. fp16/bf16 operands go to tensor
-cores with fp32 accumulation; fp32 uses ``input_precision="ieee"``. On CUDA the kernels are
-autotuned over H100-friendly tiles; under ``TRITON_INTERPRET=1`` small fixed tiles make the
-tests cover the loops and the masks.
+two >= 16 for ``tl.dot``); every address product is int64, and each launch puts its
+(blocks × batch·heads) programs on grid axis 0 (CUDA caps axes 1 and 2 at 65535), the block
+index fastest, so consecutive programs share one head's keys/values as before
+(``fastpeft/triton/_common.py``). fp16/bf16 operands go to tensor cores with fp32 accumulation;
+fp32 uses ``input_precision="ieee"``; float64 is refused. On CUDA the kernels are autotuned
+over H100-friendly tiles; under ``TRITON_INTERPRET=1`` small fixed tiles make the tests cover
+the loops and the masks.
 """
 from __future__ import annotations
 
-import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from fastpeft.triton import _common
+from fastpeft.triton._common import autotune as _autotune
 from fastpeft.triton._common import dot as _dot
 
-#: the interpreter cannot autotune (no CUDA timing): fixed configs are passed instead
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
-
-
-def _autotune(configs, key):
-    """triton.autotune on CUDA; the identity under the interpreter (configs are passed by the caller)."""
-    def deco(fn):
-        return fn if _INTERPRET else triton.autotune(configs=configs, key=key)(fn)
-    return deco
 
 
 def _cfgs(pairs, stages=(3, 4), warps=(4, 8)):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w)
             for (m, n) in pairs for s in stages for w in warps]
+
+
+#: the config of FASTPEFT_TRITON_AUTOTUNE=0 (test runs): small tiles, two stages (fp32, D = 256 fit)
+_FIXED = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=2, num_warps=4)
+
+
+@triton.jit
+def _split_pid(n_blocks):
+    """(block index, batch·head index) of this program: grid axis 0 holds n_blocks · (B·H)
+    programs, block index fastest. int64."""
+    pid = tl.program_id(0).to(tl.int64)
+    return pid % n_blocks, pid // n_blocks
 
 
 # --------------------------------------------------------------------------------------
@@ -107,7 +113,8 @@ def _pa_fwd_inner(acc, m_i, l_i, q, kv_k, kv_v, skn, skd, svn, svd, mask_base, s
     return acc, m_i, l_i
 
 
-@_autotune(_cfgs([(128, 64), (128, 128), (64, 64)]), key=["L", "S", "P", "D", "IS_CAUSAL", "HAS_MASK"])
+@_autotune(_cfgs([(128, 64), (128, 128), (64, 64)]), key=["L", "S", "P", "D", "IS_CAUSAL", "HAS_MASK"],
+           fixed=_FIXED)
 @triton.jit
 def _pa_fwd_kernel(
     q_ptr,      # (B, H, L, D) queries, strides (sqb, sqh, sql, sqd)
@@ -129,16 +136,15 @@ def _pa_fwd_kernel(
     BLOCK_N: tl.constexpr,    # keys per step of the online softmax
     BLOCK_D: tl.constexpr,    # head dim padded to a power of two >= 16
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m, bh = _split_pid(tl.cdiv(L, BLOCK_M))
+    b = bh // H
+    h = bh % H
     hk = h // G  # grouped-query: the kv head this query head reads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < L
-    cd = tl.arange(0, BLOCK_D)
+    cd = tl.arange(0, BLOCK_D).to(tl.int64)
     dmask = cd < D
-    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sql + cd[None, :] * sqd,
+    q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sql + cd[None, :] * sqd,
                 mask=rmask[:, None] & dmask[None, :], other=0.0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -165,7 +171,7 @@ def _pa_fwd_kernel(
 
     out = acc / l_i[:, None]
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
-    obase = bh.to(tl.int64) * L
+    obase = bh * L
     tl.store(o_ptr + (obase + rows[:, None]) * D + cd[None, :], out.to(o_ptr.dtype.element_ty),
              mask=rmask[:, None] & dmask[None, :])
     tl.store(lse_ptr + obase + rows, lse, mask=rmask)
@@ -184,18 +190,17 @@ def _pa_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_D: tl.constexpr,  # head dim padded to a power of two
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m, bh = _split_pid(tl.cdiv(L, BLOCK_M))
+    b = bh // H
+    h = bh % H
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < L
-    cd = tl.arange(0, BLOCK_D)
+    cd = tl.arange(0, BLOCK_D).to(tl.int64)
     m2 = rmask[:, None] & (cd < D)[None, :]
-    r64 = rows[:, None].to(tl.int64)
+    r64 = rows[:, None]
     o = tl.load(o_ptr + b * sob + h * soh + r64 * sol + cd[None, :] * sod, mask=m2, other=0.0).to(tl.float32)
     do = tl.load(do_ptr + b * sdb + h * sdh + r64 * sdl + cd[None, :] * sdd, mask=m2, other=0.0).to(tl.float32)
-    tl.store(delta_ptr + bh.to(tl.int64) * L + rows, tl.sum(o * do, 1), mask=rmask)
+    tl.store(delta_ptr + bh * L + rows, tl.sum(o * do, 1), mask=rmask)
 
 
 @triton.jit
@@ -231,7 +236,8 @@ def _pa_bwd_dq_inner(dq, q, do, lse2, delta, kv_k, kv_v, skn, skd, svn, svd, mas
     return dq
 
 
-@_autotune(_cfgs([(64, 64), (128, 64), (64, 32)]), key=["L", "S", "P", "D", "IS_CAUSAL", "HAS_MASK"])
+@_autotune(_cfgs([(64, 64), (128, 64), (64, 32)]), key=["L", "S", "P", "D", "IS_CAUSAL", "HAS_MASK"],
+           fixed=_FIXED)
 @triton.jit
 def _pa_bwd_dq_kernel(
     q_ptr,      # (B, H, L, D) queries, strides (sqb, sqh, sql, sqd)
@@ -255,21 +261,20 @@ def _pa_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,    # keys per step
     BLOCK_D: tl.constexpr,    # head dim padded to a power of two >= 16
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    pid_m, bh = _split_pid(tl.cdiv(L, BLOCK_M))
+    b = bh // H
+    h = bh % H
     hk = h // G
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < L
-    cd = tl.arange(0, BLOCK_D)
+    cd = tl.arange(0, BLOCK_D).to(tl.int64)
     dmask = cd < D
     m2 = rmask[:, None] & dmask[None, :]
-    r64 = rows[:, None].to(tl.int64)
+    r64 = rows[:, None]
     q = tl.load(q_ptr + b * sqb + h * sqh + r64 * sql + cd[None, :] * sqd, mask=m2, other=0.0)
     do = tl.load(do_ptr + b * sdb + h * sdh + r64 * sdl + cd[None, :] * sdd, mask=m2, other=0.0)
-    lse2 = tl.load(lse_ptr + bh.to(tl.int64) * L + rows, mask=rmask, other=0.0) * 1.4426950408889634
-    delta = tl.load(delta_ptr + bh.to(tl.int64) * L + rows, mask=rmask, other=0.0)
+    lse2 = tl.load(lse_ptr + bh * L + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh * L + rows, mask=rmask, other=0.0)
     qk_scale = scale * 1.4426950408889634
 
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -288,7 +293,7 @@ def _pa_bwd_dq_kernel(
     else:
         dq = _pa_bwd_dq_inner(dq, q, do, lse2, delta, k_b, v_b, skn, skd, svn, svd, mask_b, sml, sms, rows, rmask,
                               cd, dmask, S, 0, S, qk_scale, True, HAS_MASK, False, IEEE, BLOCK_M, BLOCK_N)
-    tl.store(dq_ptr + (bh.to(tl.int64) * L + r64) * D + cd[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
+    tl.store(dq_ptr + (bh * L + r64) * D + cd[None, :], (dq * scale).to(dq_ptr.dtype.element_ty),
              mask=m2)
 
 
@@ -304,12 +309,12 @@ def _pa_dkdv_block(q_ptr, k_base, v_base, skn, skd, svn, svd, mask_b, smh, sml, 
     (BLOCK_N, D) rows of dk (scaled) and dv at dk_base / dv_base (contiguous (NK, D)).
     PREFIX: the keys are the prefix (always visible: no causal, no attn_mask).
     """
-    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # int64 (pid_n is)
     nmask = cn < NK
-    cd = tl.arange(0, BLOCK_D)
+    cd = tl.arange(0, BLOCK_D).to(tl.int64)
     dmask = cd < D
     n2 = nmask[:, None] & dmask[None, :]
-    c64 = cn[:, None].to(tl.int64)
+    c64 = cn[:, None]
     k = tl.load(k_base + c64 * skn + cd[None, :] * skd, mask=n2, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(v_base + c64 * svn + cd[None, :] * svd, mask=n2, other=0.0)
     qk_scale = scale * 1.4426950408889634
@@ -323,7 +328,7 @@ def _pa_dkdv_block(q_ptr, k_base, v_base, skn, skd, svn, svd, mask_b, smh, sml, 
     cm0 = tl.arange(0, BLOCK_M)
     for g in range(0, G):
         h = hk * G + g
-        bh = b * (Hkv * G) + h
+        bh = (b * Hkv + hk) * G + g
         q_base = q_ptr + b * sqb + h * sqh
         do_base = do_ptr + b * sdb + h * sdh
         for m0 in range(lo, L, BLOCK_M):
@@ -353,7 +358,8 @@ def _pa_dkdv_block(q_ptr, k_base, v_base, skn, skd, svn, svd, mask_b, smh, sml, 
     tl.store(dv_base + obase, dv.to(dv_base.dtype.element_ty), mask=n2)
 
 
-@_autotune(_cfgs([(32, 128), (64, 64), (32, 64)]), key=["L", "S", "P", "D", "IS_CAUSAL", "HAS_MASK"])
+@_autotune(_cfgs([(32, 128), (64, 64), (32, 64)]), key=["L", "S", "P", "D", "IS_CAUSAL", "HAS_MASK"],
+           fixed=_FIXED)
 @triton.jit
 def _pa_bwd_dkdv_kernel(
     q_ptr,      # (B, H, L, D) queries, strides (sqb, sqh, sql, sqd)
@@ -382,21 +388,20 @@ def _pa_bwd_dkdv_kernel(
 ):
     # one launch for both sources: the first cdiv(P, BLOCK_N) key blocks are the prefix (the
     # longest programs - every query sees them - so they are scheduled first), then the main keys
-    pid = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = (bhk // Hkv).to(tl.int64)
-    hk = (bhk % Hkv).to(tl.int64)
     n_pb = tl.cdiv(P, BLOCK_N)
+    pid, bhk = _split_pid(n_pb + tl.cdiv(S, BLOCK_N))
+    b = bhk // Hkv
+    hk = bhk % Hkv
     if pid < n_pb:
         _pa_dkdv_block(q_ptr, pk_ptr + b * spkb + hk * spkh, pv_ptr + b * spvb + hk * spvh, spkn, spkd, spvn, spvd,
                        mask_ptr, smh, sml, sms, do_ptr, lse_ptr, delta_ptr,
-                       dpk_ptr + bhk.to(tl.int64) * P * D, dpv_ptr + bhk.to(tl.int64) * P * D,
+                       dpk_ptr + bhk * P * D, dpv_ptr + bhk * P * D,
                        pid, b, hk, Hkv, G, L, P, D, sqb, sqh, sql, sqd, sdb, sdh, sdl, sdd, scale,
                        True, HAS_MASK, IS_CAUSAL, IEEE, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
         _pa_dkdv_block(q_ptr, k_ptr + b * skb + hk * skh, v_ptr + b * svb + hk * svh, skn, skd, svn, svd,
                        mask_ptr + b * smb, smh, sml, sms, do_ptr, lse_ptr, delta_ptr,
-                       dk_ptr + bhk.to(tl.int64) * S * D, dv_ptr + bhk.to(tl.int64) * S * D,
+                       dk_ptr + bhk * S * D, dv_ptr + bhk * S * D,
                        pid - n_pb, b, hk, Hkv, G, L, S, D, sqb, sqh, sql, sqd, sdb, sdh, sdl, sdd, scale,
                        False, HAS_MASK, IS_CAUSAL, IEEE, BLOCK_M, BLOCK_N, BLOCK_D)
 
@@ -415,12 +420,8 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _ieee(dtype: torch.dtype) -> bool:
-    return dtype in (torch.float32, torch.float64)
-
-
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    # the contract: float32 (float64 for float64 inputs, which compute in fp32 here)
+    # the contract: float32 (float64 for float64 inputs, which these kernels refuse)
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -429,11 +430,9 @@ def _mask_strides(attn_mask: Optional[torch.Tensor]):
 
 
 def _launch(kernel, grid_fn, args, meta):
-    """Fixed small tiles under the interpreter; the autotuner's choice on CUDA."""
-    if _INTERPRET:
-        kernel[grid_fn(_INTERP)](*args, **meta, **_INTERP)
-    else:
-        kernel[grid_fn](*args, **meta)
+    """Fixed small tiles (this module's ``_INTERP``, which tests may patch) under the interpreter;
+    the autotuner's choice on CUDA."""
+    _common.launch(kernel, grid_fn, args, meta, _INTERP)
 
 
 def _prefix_strides(t: torch.Tensor):
@@ -447,6 +446,7 @@ def _prefix_strides(t: torch.Tensor):
 def prefix_attention_fwd_triton(q, k, v, prefix_k, prefix_v, attn_mask: Optional[torch.Tensor],
                                 is_causal: bool, scale: float):
     """q (B,H,L,D), k/v (B,Hkv,S,D), prefix_k/v (Bp,Hkv,P,D) -> (out (B,H,L,D), lse (B,H,L) fp32)."""
+    _common.check_dtype(q, "prefix_attention")
     B, H, L, D = q.shape
     Hkv, S, P = k.shape[1], k.shape[2], prefix_k.shape[2]
     out = torch.empty((B, H, L, D), dtype=q.dtype, device=q.device)
@@ -457,15 +457,16 @@ def prefix_attention_fwd_triton(q, k, v, prefix_k, prefix_v, attn_mask: Optional
             H, H // Hkv, L, S, P, D,
             *q.stride(), *k.stride(), *v.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
             *_mask_strides(attn_mask), float(scale) * _LOG2E)
-    meta = dict(HAS_MASK=attn_mask is not None, IS_CAUSAL=bool(is_causal), IEEE=_ieee(q.dtype),
+    meta = dict(HAS_MASK=attn_mask is not None, IS_CAUSAL=bool(is_causal), IEEE=_common.ieee(q.dtype),
                 BLOCK_D=_block_d(D))
-    _launch(_pa_fwd_kernel, lambda c: (triton.cdiv(L, c["BLOCK_M"]), B * H), args, meta)
+    _launch(_pa_fwd_kernel, lambda c: (triton.cdiv(L, c["BLOCK_M"]) * B * H,), args, meta)
     return out, lse.to(_lse_dtype(q.dtype))
 
 
 def prefix_attention_bwd_triton(dout, q, k, v, prefix_k, prefix_v, attn_mask: Optional[torch.Tensor], out, lse,
                                 is_causal: bool, scale: float):
     """-> (dq (B,H,L,D), dk, dv (B,Hkv,S,D), dprefix_k, dprefix_v (Bp,Hkv,P,D))."""
+    _common.check_dtype(q, "prefix_attention")
     B, H, L, D = q.shape
     Hkv, S, P, Bp = k.shape[1], k.shape[2], prefix_k.shape[2], prefix_k.shape[0]
     G = H // Hkv
@@ -474,15 +475,15 @@ def prefix_attention_bwd_triton(dout, q, k, v, prefix_k, prefix_v, attn_mask: Op
         return (torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(prefix_k),
                 torch.zeros_like(prefix_v))
     block_d = _block_d(D)
-    ieee = _ieee(dt)
+    ieee = _common.ieee(dt)
     lse = lse.to(torch.float32).contiguous()
     ms = _mask_strides(attn_mask)
     mask_arg = q if attn_mask is None else attn_mask
 
     # 1. delta = rowsum(dout ⊙ out)
     delta = torch.empty((B, H, L), dtype=torch.float32, device=dev)
-    bm = 16 if _INTERPRET else 64
-    _pa_bwd_preprocess_kernel[(triton.cdiv(L, bm), B * H)](
+    bm = 16 if _common.small_tiles(q) else 64
+    _pa_bwd_preprocess_kernel[(triton.cdiv(L, bm) * B * H,)](
         out, dout, delta, H, L, D, *out.stride(), *dout.stride(), BLOCK_M=bm, BLOCK_D=block_d)
 
     # 2. dq over both key sources
@@ -491,7 +492,7 @@ def prefix_attention_bwd_triton(dout, q, k, v, prefix_k, prefix_v, attn_mask: Op
             *q.stride(), *k.stride(), *v.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
             *ms, *dout.stride(), float(scale))
     meta = dict(HAS_MASK=attn_mask is not None, IS_CAUSAL=bool(is_causal), IEEE=ieee, BLOCK_D=block_d)
-    _launch(_pa_bwd_dq_kernel, lambda c: (triton.cdiv(L, c["BLOCK_M"]), B * H), args, meta)
+    _launch(_pa_bwd_dq_kernel, lambda c: (triton.cdiv(L, c["BLOCK_M"]) * B * H,), args, meta)
 
     # 3. dk/dv of both key sources in one launch; a shared prefix gets per-batch fp32 partials
     shared = Bp == 1 and B > 1
@@ -504,7 +505,7 @@ def prefix_attention_bwd_triton(dout, q, k, v, prefix_k, prefix_v, attn_mask: Op
             *q.stride(), *k.stride(), *v.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
             *ms, *dout.stride(), float(scale))
     _launch(_pa_bwd_dkdv_kernel,
-            lambda c: (triton.cdiv(P, c["BLOCK_N"]) + triton.cdiv(S, c["BLOCK_N"]), B * Hkv), args, meta)
+            lambda c: ((triton.cdiv(P, c["BLOCK_N"]) + triton.cdiv(S, c["BLOCK_N"])) * B * Hkv,), args, meta)
     if shared:
         dpk, dpv = dpk.sum(0, keepdim=True).to(dt), dpv.sum(0, keepdim=True).to(dt)
     return dq, dk, dv, dpk, dpv
