@@ -16,7 +16,8 @@ Kernels are found by name, so adding one needs no edit here:
 
 ``FASTPEFT_BACKEND=triton|cpu|reference`` overrides the automatic choice; an explicit
 ``backend=`` argument overrides both. A backend that cannot run raises a RuntimeError
-that says why.
+that says why. The choice can depend on the dtype too: the triton kernels refuse float64
+(they accumulate in fp32), so float64 CUDA tensors go to the reference backend.
 """
 from __future__ import annotations
 
@@ -65,8 +66,10 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def why_not(backend: str, family: str, device: torch.device) -> Optional[str]:
-    """None if ``backend`` can run op ``family`` on ``device``, else the reason it cannot."""
+def why_not(backend: str, family: str, device: torch.device,
+            dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None if ``backend`` can run op ``family`` on ``device`` (for inputs of ``dtype``, when
+    given), else the reason it cannot."""
     device = torch.device(device)
     if backend == "reference":
         try:
@@ -88,7 +91,9 @@ def why_not(backend: str, family: str, device: torch.device) -> Optional[str]:
             importlib.import_module(f"fastpeft.triton.{family}")
         except ModuleNotFoundError:
             return f"no triton kernel for {family}"
-        return None
+        from fastpeft.triton._common import unsupported_dtype
+
+        return unsupported_dtype(dtype)
     if backend == "cpu":
         if device.type != "cpu":
             return f"the C++ backend runs CPU tensors only, got {device}"
@@ -102,21 +107,32 @@ def why_not(backend: str, family: str, device: torch.device) -> Optional[str]:
 
 
 _warned = False
+_warned_cuda = False
 
 
 @torch.compiler.assume_constant_result  # a trace-time constant for torch.compile
-def select_backend(family: str, device: torch.device, backend: Optional[str] = None) -> str:
-    """Return the backend to run ``family`` on ``device`` (explicit > env > automatic)."""
+def select_backend(family: str, device: torch.device, backend: Optional[str] = None,
+                   dtype: Optional[torch.dtype] = None) -> str:
+    """Return the backend to run ``family`` on ``device`` for inputs of ``dtype`` (explicit >
+    env > automatic)."""
     requested = backend or os.environ.get("FASTPEFT_BACKEND") or None
     if requested:
-        reason = why_not(requested, family, device)
+        reason = why_not(requested, family, device, dtype)
         if reason:
             src = "backend=" if backend else "FASTPEFT_BACKEND="
-            raise RuntimeError(f"fastpeft: {src}{requested!r} cannot run {family} on {device}: {reason}")
+            what = f"{family} on {device}" + ("" if dtype is None else f" in {str(dtype)[6:]}")
+            raise RuntimeError(f"fastpeft: {src}{requested!r} cannot run {what}: {reason}")
         return requested
     device = torch.device(device)
-    if device.type == "cuda" and why_not("triton", family, device) is None:
-        return "triton"
+    if device.type == "cuda":
+        reason = why_not("triton", family, device, dtype)
+        if reason is None:
+            return "triton"
+        global _warned_cuda
+        if not _warned_cuda and dtype is not None and why_not("triton", family, device) is None:
+            _warned_cuda = True  # only the dtype stands in the way: say once where the op goes
+            warnings.warn(f"fastpeft: {family} in {str(dtype)[6:]} on CUDA runs on the (slow) reference "
+                          f"backend: {reason}", stacklevel=3)
     if device.type == "cpu":
         reason = why_not("cpu", family, device)
         if reason is None:

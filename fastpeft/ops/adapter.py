@@ -175,7 +175,7 @@ def adapter(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weig
     p = check_dropout(dropout_p)  # checked in eval mode too
     p = p if training else 0.0
     seed = _dropout.new_seed(p > 0.0)
-    be = select_backend("adapter", x.device, backend)
+    be = select_backend("adapter", x.device, backend, x.dtype)
     scale_t = scaling if isinstance(scaling, Tensor) else None
     s = 1.0 if scale_t is not None else float(scaling)
     return AdapterFunction.apply(x, down_weight, down_bias, up_weight, up_bias, scale_t, s, residual,

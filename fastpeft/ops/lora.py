@@ -121,5 +121,5 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
     p = check_dropout(dropout_p)  # checked in eval mode too
     p = p if training else 0.0
     seed = _dropout.new_seed(p > 0.0)
-    be = select_backend("lora", x.device, backend)
+    be = select_backend("lora", x.device, backend, x.dtype)
     return LoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, scaling, p, seed, be)

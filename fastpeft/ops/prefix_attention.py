@@ -168,5 +168,5 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     scale = _check(q, k, v, prefix_k, prefix_v, attn_mask, is_causal, scale)
     B, H, L, _ = q.shape
     mask = _additive_mask(attn_mask, (B, H, L, k.shape[2]), q.dtype)
-    be = select_backend("prefix_attention", q.device, backend)
+    be = select_backend("prefix_attention", q.device, backend, q.dtype)
     return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, mask, is_causal, scale, be)
