@@ -12,6 +12,16 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+#: marks the GPU acceptance subset (``pytest -m gpu``, run by scripts/gpu_check.sh): every test
+#: that runs a Triton kernel. On a machine with CUDA they run on the GPU (bf16 included); without
+#: one, under TRITON_INTERPRET=1 on CPU tensors (tiny shapes, no bf16 dots).
+GPU = pytest.mark.gpu
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs Triton kernels (CUDA when present, else the interpreter); "
+                                       "the subset scripts/gpu_check.sh runs on a GPU")
+
 
 def _triton_ok() -> bool:
     try:
@@ -44,7 +54,8 @@ def backend_params(family=None):
     params = []
     for backend in ("reference", "cpu", "triton"):
         why = reason(backend)
-        params.append(pytest.param(backend, id=backend, marks=pytest.mark.skipif(why is not None, reason=str(why))))
+        marks = [pytest.mark.skipif(why is not None, reason=str(why))] + ([GPU] if backend == "triton" else [])
+        params.append(pytest.param(backend, id=backend, marks=marks))
     return params
 
 

@@ -14,11 +14,11 @@ from fastpeft import _dropout
 from fastpeft._backend import why_not
 from fastpeft.reference.adapter import ACTIVATIONS, adapter_bwd_reference, adapter_fwd_reference, adapter_reference
 from fastpeft.testing import assert_close, upcast
-from tests.conftest import device_for
+from tests.conftest import GPU, device_for
 
 DEVICE = device_for("triton")
 _why = why_not("triton", "adapter", torch.device(DEVICE))
-pytestmark = pytest.mark.skipif(_why is not None, reason=str(_why))
+pytestmark = [pytest.mark.skipif(_why is not None, reason=str(_why)), GPU]
 
 NAMES = ["x", "down_weight", "down_bias", "up_weight", "up_bias", "scaling", "residual"]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]

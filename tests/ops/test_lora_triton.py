@@ -14,12 +14,12 @@ from fastpeft import _dropout
 from fastpeft._backend import why_not
 from fastpeft.reference.lora import lora_bwd_reference
 from fastpeft.testing import assert_close, upcast
-from tests.conftest import device_for
+from tests.conftest import GPU, device_for
 from tests.ops import test_lora as lora_tests
 
 DEVICE = device_for("triton")
 _why = why_not("triton", "lora", torch.device(DEVICE))
-pytestmark = pytest.mark.skipif(_why is not None, reason=str(_why))
+pytestmark = [pytest.mark.skipif(_why is not None, reason=str(_why)), GPU]
 
 NAMES = ["x", "weight", "bias", "lora_A", "lora_B"]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]

@@ -17,11 +17,11 @@ import fastpeft
 from fastpeft._backend import why_not
 from fastpeft.reference.prefix_attention import prefix_attention_reference
 from fastpeft.testing import assert_close, upcast
-from tests.conftest import device_for
+from tests.conftest import GPU, device_for
 
 DEVICE = device_for("triton")
 _why = why_not("triton", "prefix_attention", torch.device(DEVICE))
-pytestmark = pytest.mark.skipif(_why is not None, reason=str(_why))
+pytestmark = [pytest.mark.skipif(_why is not None, reason=str(_why)), GPU]
 
 NAMES = ["q", "k", "v", "prefix_k", "prefix_v"]
 
