@@ -279,8 +279,8 @@ def run_cases(cases: List[Case], csv_path: Optional[str] = None, memory: bool = 
                              device=device_name(case.device), p20_ms=round(p20, 4),
                              p50_ms=round(p50, 4), p80_ms=round(p80, 4), peak_mb=round(peak, 2),
                              reps=len(ts), commit=sha, _floor=case.floor, _ours=case.ours))
-    if csv_path:
-        write_csv(rows, csv_path)
+        if csv_path:  # case by case: a run stopped at a time limit keeps the cases it finished
+            write_csv(rows[-len(times):], csv_path)
     return rows
 
 

@@ -3,14 +3,18 @@
 Providers (one sequential adapter ``y = x + s·(act(x·Wdᵀ + bd)·Wuᵀ + bu)`` on the same x and
 weights; x and every adapter parameter require grad, as mid-network in fine-tuning):
 
-* ``copy``     - ``x.clone()``: the floor, one read and one write of x (the adapter's minimum
-  memory traffic).
+* ``copy``     - the floor, one read and one write of x (the adapter's minimum memory traffic):
+  ``x.clone()`` on CPU (a fresh output, as every provider's is); on CUDA ``y.copy_(x)`` into a
+  preallocated y of the same bytes, the device's copy bandwidth, so ``copy time / fastpeft time``
+  is the fraction of copy bandwidth the forward reaches (scripts/gpu_acceptance.py also counts
+  the backward's bytes).
 * ``eager``    - the plain-PyTorch adapter as a user writes it:
   ``x + s * F.linear(act(F.linear(x, Wd, bd)), Wu, bu)``.
 * ``eager_onednn`` - the same eager adapter with both linears done by oneDNN (CPU fp32 only):
   fastpeft's C++ backend calls oneDNN for its GEMMs (csrc/gemm.h) where ``F.linear`` goes to
   MKL, so this row separates what the GEMM library buys from what fusion buys.
-* ``compile``  - ``torch.compile`` of the eager function (compiled during the untimed warm-up).
+* ``compile``  - ``torch.compile`` of the eager function (compiled during the untimed warm-up;
+  left out with ``quick``).
 * ``fastpeft`` - ``fastpeft.adapter(..., training=True)`` on the automatic backend.
 
 Modes: ``fwd`` (forward with the autograd graph recorded), ``bwd`` (backward only: the forward
@@ -45,7 +49,7 @@ def _eager(x, Wd, bd, Wu, bu, s: float):
 
 
 def _providers(M: int, d: int, m: int, dtype: torch.dtype, device: torch.device, mode: str,
-               tensors: Optional[dict] = None) -> Tuple[Dict[str, Callable], dict]:
+               tensors: Optional[dict] = None, with_compile: bool = True) -> Tuple[Dict[str, Callable], dict]:
     """Provider preps for one (shape, mode); ``tensors`` shares inputs between modes of a shape."""
     import fastpeft
 
@@ -57,14 +61,22 @@ def _providers(M: int, d: int, m: int, dtype: torch.dtype, device: torch.device,
                        bu=mk(d).requires_grad_(), dy=mk(M, d))
     t = tensors
     x, Wd, bd, Wu, bu, dy = t["x"], t["Wd"], t["bd"], t["Wu"], t["bu"], t["dy"]
-    comp = compiled(_eager)
+    if device.type == "cuda":
+        if "copy_out" not in t:
+            t["copy_out"] = torch.empty_like(x, requires_grad=False)
+        out, xd = t["copy_out"], x.detach()
+        copy = lambda: out.copy_(xd)  # noqa: E731 - the same bytes as x, read once and written once
+    else:
+        copy = lambda: x.detach().clone()  # noqa: E731
     fns: Dict[str, Callable[[], torch.Tensor]] = {
-        "copy": lambda: x.detach().clone(),
+        "copy": copy,
         "eager": lambda: _eager(x, Wd, bd, Wu, bu, SCALING),
     }
     if onednn_ok(device, dtype):
         fns["eager_onednn"] = lambda: x + SCALING * onednn_linear(_act(onednn_linear(x, Wd, bd)), Wu, bu)
-    fns["compile"] = lambda: comp(x, Wd, bd, Wu, bu, SCALING)
+    if with_compile:
+        comp = compiled(_eager)
+        fns["compile"] = lambda: comp(x, Wd, bd, Wu, bu, SCALING)
     fns["fastpeft"] = lambda: fastpeft.adapter(x, Wd, bd, Wu, bu, ACT, SCALING, dropout_p=P, training=True)
     return autograd_preps(fns, mode, dy, [x, Wd, bd, Wu, bu], no_grad=("copy",)), tensors
 
@@ -80,7 +92,8 @@ def cases(device, dtype, quick: bool) -> List[Case]:
     out: List[Case] = []
     shared: Dict[tuple, dict] = {}
     for (M, d, m), mode in plan:
-        provs, shared[(M, d, m)] = _providers(M, d, m, dtype, device, mode, shared.get((M, d, m)))
+        provs, shared[(M, d, m)] = _providers(M, d, m, dtype, device, mode, shared.get((M, d, m)),
+                                              with_compile=not quick)
         if device.type == "cuda":
             b, mr = 3.0, 5
         elif quick:
