@@ -5,7 +5,10 @@ Data: scikit-learn's bundled 8×8 handwritten digits (1,797 images, no download)
 2. Fine-tune it on the held-out digits 5-9 at 16×16 (a higher resolution: the position
    embeddings are interpolated in 2-D) with every method: full fine-tuning, full with
    layer-wise LR decay, linear probing on cached features, partial-k, an MLP-k head,
-   BitFit, LoRA, Houlsby / Pfeiffer / AdaptFormer adapters, VPT shallow and deep.
+   BitFit, LoRA, Houlsby / Pfeiffer / AdaptFormer adapters, VPT shallow and deep; multi-task
+   (one LoRA backbone, a digit head and a parity head, weighted multi-task loss); few-shot
+   (5-way 5-shot episodes on the novel digits, LoRA trained with the prototypical loss,
+   scored on episodes drawn from the test split).
 3. Print (and plot) per method: trainable parameters, test accuracy, training-step time
    with fastpeft's fused backend vs the reference backend, and peak memory of a step.
 """
@@ -160,9 +163,14 @@ def _methods(num_classes: int) -> List[Method]:
     ]
 
 
-def step_times_ms(model, params, x, y, backends, reps: int) -> List[float]:
-    """Median training-step time (fwd + bwd) for each entry of ``backends`` (None: automatic,
-    else a FASTPEFT_BACKEND value), measured interleaved so load affects them alike."""
+def _ce(model, x, y):
+    return F.cross_entropy(model(x), y)
+
+
+def step_times_ms(model, params, x, y, backends, reps: int, loss_fn: Callable = _ce) -> List[float]:
+    """Median training-step time (fwd + bwd of ``loss_fn(model, x, y)``) for each entry of
+    ``backends`` (None: automatic, else a FASTPEFT_BACKEND value), measured interleaved so load
+    affects them alike."""
     old = os.environ.get("FASTPEFT_BACKEND")
     times = [[] for _ in backends]
     model.train()
@@ -174,7 +182,7 @@ def step_times_ms(model, params, x, y, backends, reps: int) -> List[float]:
                 else:
                     os.environ.pop("FASTPEFT_BACKEND", None)
                 t0 = time.perf_counter()
-                F.cross_entropy(model(x), y).backward()
+                loss_fn(model, x, y).backward()
                 if rep >= 2:
                     times[i].append((time.perf_counter() - t0) * 1e3)
                 for p in params:
@@ -211,17 +219,17 @@ def run(epochs_pre: int = 25, epochs_ft: int = 15, size_ft: int = 16, bs: int = 
     xb, yb = fx_hi[:bs], fy[:bs]
     results = []
 
-    def record(name, model, params, acc, fused):
+    def record(name, model, params, acc, fused, loss_fn=_ce):
         n_train = sum(p.numel() for p in params)
         if fused:
-            fast, ref = step_times_ms(model, params, xb, yb, [None, "reference"], reps)
+            fast, ref = step_times_ms(model, params, xb, yb, [None, "reference"], reps, loss_fn)
         else:  # no fused op in this method's step: both backends run the same code
-            fast = ref = step_times_ms(model, params, xb, yb, [None], reps)[0]
+            fast = ref = step_times_ms(model, params, xb, yb, [None], reps, loss_fn)[0]
         model.train()
 
         def prep():
             def step():
-                F.cross_entropy(model(xb), yb).backward()
+                loss_fn(model, xb, yb).backward()
             return step
 
         peak = peak_memory_mb(prep, torch.device("cpu"))
@@ -254,6 +262,8 @@ def run(epochs_pre: int = 25, epochs_ft: int = 15, size_ft: int = 16, bs: int = 
         train(model, params, fx_hi, fy, epochs_ft, lr, bs, seed, meth.name)
         flat = [p for grp in params for p in grp["params"]] if params and isinstance(params[0], dict) else params
         record(meth.name, model, flat, accuracy(model, tx_hi, ty), meth.fused)
+    _multitask(base, fx_hi, fy, tx_hi, ty, epochs_ft, bs, seed, record)
+    _fewshot(base, fx_hi, fy, tx_hi, ty, 6 if quick else 120, 4 if quick else 100, seed, record)
     print()
     table = format_results(results)
     print(table)
@@ -269,6 +279,89 @@ def run(epochs_pre: int = 25, epochs_ft: int = 15, size_ft: int = 16, bs: int = 
         if path:
             print(f"plot: {path}")
     return results
+
+
+def _lora_backbone(base):
+    from fastpeft import LoraConfig, get_peft_model
+    from fastpeft import strategies as S
+    m = copy.deepcopy(base)
+    m.head = nn.Identity()  # the task heads live outside the backbone
+    S.freeze(m)
+    return get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["qkv", "attn.proj"]))
+
+
+def _multitask(base, fx, fy, tx, ty, epochs, bs, seed, record):
+    """One LoRA backbone, two heads (the digit, and its parity) and a weighted multi-task loss."""
+    from fastpeft import strategies as S
+
+    pm = _lora_backbone(base)
+    model = S.MultiTaskHeads(pm, {"digit": len(FINETUNE_CLASSES), "parity": 2}, dim=base.config.dim,
+                             features_fn=lambda b, x: b.model.pool(b.model.forward_features(x)))
+    mtl = S.MultiTaskLoss({"digit": 1.0, "parity": 0.5})
+
+    def loss_fn(m, x, y):
+        return mtl(m(x), {"digit": y, "parity": (y + FINETUNE_CLASSES[0]) % 2})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in _progress(range(epochs), desc="multi-task", leave=False):
+        for xb, yb in batches(fx, fy, bs, g):
+            loss = loss_fn(model, xb, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(tx)
+    acc = (out["digit"].argmax(-1) == ty).float().mean().item()
+    par = (out["parity"].argmax(-1) == (ty + FINETUNE_CLASSES[0]) % 2).float().mean().item()
+    print(f"  multi-task: digit accuracy {acc:.3f}, parity accuracy {par:.3f}")
+    record("multi-task LoRA (digit + parity heads)", model, params, acc, True, loss_fn)
+
+
+def _fewshot(base, fx, fy, tx, ty, train_episodes, test_episodes, seed, record,
+             n_way: int = 5, k_shot: int = 5, n_query: int = 10):
+    """N-way K-shot episodes on the novel digits: prototypes from the support set, the query
+    scored by distance; LoRA fine-tuned with the prototypical loss on training-split episodes."""
+    from fastpeft import strategies as S
+
+    pm = _lora_backbone(base)
+
+    def feats(x):
+        return pm.model.pool(pm.model.forward_features(x))
+
+    def episode_acc(episodes, g):
+        pm.eval()
+        accs = []
+        with torch.no_grad():
+            for _ in range(episodes):
+                ep = S.sample_episode(ty, n_way, k_shot, n_query, generator=g)
+                head = S.PrototypicalHead().fit(feats(tx[ep.support]), ep.support_labels, n_way)
+                accs.append((head(feats(tx[ep.query])).argmax(-1) == ep.query_labels).float().mean().item())
+        return sum(accs) / len(accs)
+
+    with pm.disable_adapter():
+        frozen = episode_acc(test_episodes, torch.Generator().manual_seed(seed + 1))
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    pm.train()
+    for _ in _progress(range(train_episodes), desc="few-shot", leave=False):
+        ep = S.sample_episode(fy, n_way, k_shot, n_query, generator=g)
+        loss = S.prototypical_loss(feats(fx[ep.query]), ep.query_labels, feats(fx[ep.support]), ep.support_labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    acc = episode_acc(test_episodes, torch.Generator().manual_seed(seed + 1))
+    print(f"  few-shot {n_way}-way {k_shot}-shot on test episodes: frozen backbone prototypes {frozen:.3f}, "
+          f"after episodic LoRA training {acc:.3f}")
+    fixed = S.sample_episode(fy, n_way, k_shot, n_query, generator=torch.Generator().manual_seed(seed))
+
+    def loss_fn(m, x, y):  # one training episode per step
+        return S.prototypical_loss(feats(fx[fixed.query]), fixed.query_labels, feats(fx[fixed.support]),
+                                   fixed.support_labels)
+    record(f"ProtoNet LoRA ({n_way}-way {k_shot}-shot)", pm, params, acc, True, loss_fn)
 
 
 def format_results(results: List[dict]) -> str:
