@@ -185,6 +185,8 @@ def ir_report():
         pytest.skip(f"triton's compiler is not importable: {exc}")
     out = subprocess.run([sys.executable, "-m", "tests.ops.triton_ir"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
+    if out.returncode == 3:  # tests.ops.triton_ir.UNSUPPORTED: this triton's compiler internals differ
+        pytest.skip(out.stderr.strip()[-500:])
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
