@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from fastpeft.bench import Case
 
 LOSS_TOL = 1e-5
+#: (loss |diff|, prompt-grad max |diff| relative to max |g|) the two paths must agree to, by dtype:
+#: fp32 tight; in 16-bit (the CUDA run is bf16) the paths round differently through every block
+TOLS = {torch.float32: (LOSS_TOL, 1e-4), torch.float16: (1e-2, 2e-2), torch.bfloat16: (3e-2, 1e-1)}
 
 
 #: Lines the bench CLI adds under this op's table (the correctness check of the run).
@@ -86,13 +89,14 @@ def cases(device, dtype, quick: bool = False) -> List[Case]:
         (lc, gc), (lf, gf) = last["concat"], last["fastpeft"]
         gerr = (gf - gc).abs().max().item()
         gmag = max(gc.abs().max().item(), 1e-30)
-        if abs(lf - lc) > LOSS_TOL or gerr > 1e-4 * gmag:
+        loss_tol, grad_tol = TOLS.get(dtype, TOLS[torch.float32])
+        if abs(lf - lc) > loss_tol or gerr > grad_tol * gmag:
             raise AssertionError(f"vpt bench: fast path disagrees with concat: loss {lf!r} vs {lc!r} "
                                  f"(|diff| {abs(lf - lc):.2e}), prompt grad max |diff| {gerr:.2e} (max |g| {gmag:.2e})")
         if not printed:
             printed.append(True)
             msg = (f"vpt check: loss concat {lc:.8f} fastpeft {lf:.8f} |diff| {abs(lf - lc):.1e} "
-                   f"(<= {LOSS_TOL:g}); prompt-grad max |diff| {gerr:.1e} of max |g| {gmag:.1e}")
+                   f"(<= {loss_tol:g}); prompt-grad max |diff| {gerr:.1e} of max |g| {gmag:.1e}")
             NOTES.append(msg)
             print(msg, flush=True)
 
