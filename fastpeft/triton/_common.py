@@ -1,8 +1,8 @@
 """What fastpeft's Triton kernels share: the interpreter switch, autotuning and launch, dtype
 support, dropout arguments and device helpers (dot, the dropout hash).
 
-Conventions every kernel follows (``tests/ops/test_triton_offsets.py`` checks the first on the
-kernels' Triton IR):
+Conventions every kernel follows (``tests/ops/test_triton_limits.py`` checks the first two on the
+kernels' Triton IR and the host launches):
 
 * **64-bit addresses.** Every product that ends up in a pointer offset is computed in int64:
   row/column indices are cast with ``.to(tl.int64)`` before they meet a stride or a size. Triton

@@ -7,7 +7,7 @@ pointer offset (``tt.addptr``) back through the ops it is computed from. Any mul
 on that path done in 32 bits (``arith.muli`` of ``i32``) is reported with its source line: an
 ``index * stride`` or ``index * size`` there overflows once the product passes 2**31 (a rank
 index times K past 8.4M, a program id times a tile past 2**31, ...), although every size alone
-fits in 32 bits. Prints a JSON report; ``tests/ops/test_triton_offsets.py`` runs it.
+fits in 32 bits. Prints a JSON report; ``tests/ops/test_triton_limits.py`` runs it.
 
 Must run with TRITON_INTERPRET unset (the interpreter's kernels have no IR), hence a separate
 process in the tests.
