@@ -198,6 +198,10 @@ class PeftModel(nn.Module):
         rest = [n for n in self._active if n != adapter_name]
         if self.peft_config:
             self.set_adapter(rest or next(iter(self.peft_config)))
+        else:  # no adapter left: the base model runs
+            self._active = []
+            for _, m in self._layers():
+                m.active_adapters = []
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

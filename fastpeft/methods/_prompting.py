@@ -174,15 +174,17 @@ def _prefix_attention_forward(attn: nn.Module, feed: Feed, index: int, hidden_st
     return attn.o_proj(out), None
 
 
-def install_attention_prefix(model: nn.Module, fam, feed: Feed, journal: Journal) -> None:
-    layers = get_module(model, fam.layers)
-    for i, layer in enumerate(layers):
-        attn = get_module(layer, fam.attention_paths)
-        if "forward" in attn.__dict__:
-            raise ValueError(f"{fam.layers}.{i}.{fam.attention_paths}: already carries a prefix; one prefix-tuning "
-                             "adapter per model on this family")
+def install_attention_prefix(model: nn.Module, fam, feed: Feed, journal: Journal) -> Feed:
+    """Route the attention modules through fastpeft's prefix attention, reading ``feed``; when an
+    earlier prefix adapter did so already, its feed is returned and shared (one runs at a time)."""
+    attns = [get_module(layer, fam.attention_paths) for layer in get_module(model, fam.layers)]
+    fwd = attns[0].__dict__.get("forward")
+    if isinstance(fwd, functools.partial) and fwd.func is _prefix_attention_forward:
+        return fwd.args[1]
+    for i, attn in enumerate(attns):
         attn.forward = functools.partial(_prefix_attention_forward, attn, feed, i)
     journal.on_undo(lambda: uninstall(model, feed))
+    return feed
 
 
 class _InsertPrompts:

@@ -182,6 +182,16 @@ class PeftMethod:
         return contextlib.nullcontext()
 
 
+def own_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The model's own parameters, not those adapters brought (LoRA factors, adapter modules,
+    ``modules_to_save`` copies and originals): everything outside tuner layers but their
+    ``base_layer``."""
+    from fastpeft.modules.tuner import TunerLayer
+    tuners = [n + "." for n, m in model.named_modules() if isinstance(m, TunerLayer)]
+    return {pn: p for pn, p in model.named_parameters()
+            if not any(pn.startswith(t) and not pn.startswith(t + "base_layer.") for t in tuners)}
+
+
 def with_seq_cls_head(model: nn.Module, config):
     """As PEFT's PeftModelForSequenceClassification: with task_type "SEQ_CLS" the classifier head
     ("classifier" / "score") is trained and saved too. Returns a copy; ``config`` is kept."""

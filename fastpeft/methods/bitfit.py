@@ -15,7 +15,7 @@ import torch
 
 from fastpeft import families
 from fastpeft.config import _Config
-from fastpeft.methods.base import Journal, PeftMethod, register_method
+from fastpeft.methods.base import Journal, PeftMethod, own_parameters, register_method
 
 __all__ = ["BitFitConfig", "BitFitMethod"]
 
@@ -36,19 +36,19 @@ class BitFitMethod(PeftMethod):
     def inject(self, journal: Journal, loading: bool = False) -> None:
         if any(isinstance(m, BitFitMethod) for m in self.pm._methods.values()):
             raise ValueError("BitFitConfig: a model holds one BitFit adapter (biases are trained in place)")
-        names = families.bias_names(self.model)
+        own = own_parameters(self.model)  # not the biases of adapters other methods added
+        names = [n for n in families.bias_names(self.model) if n in own]
         if not names:
             raise ValueError(f"BitFitConfig: {type(self.model).__name__} has no bias parameters")
-        params = dict(self.model.named_parameters())
-        self.names: List[str] = names
-        self.original: Dict[str, torch.Tensor] = {}
-        for pn in names:
-            journal.requires_grad(params[pn], True)
-            self.original[pn] = params[pn].detach().clone()
+        # the Parameters themselves: their names change when other methods wrap their modules
+        self.params: List[torch.nn.Parameter] = [own[pn] for pn in names]
+        self.original: List[torch.Tensor] = [p.detach().clone() for p in self.params]
+        for p in self.params:
+            journal.requires_grad(p, True)
 
     def tensors(self) -> Dict[str, torch.Tensor]:
-        params = dict(self.model.named_parameters())
-        return {"base_model.model." + pn: params[pn] for pn in self.names}
+        ids = {id(p) for p in self.params}
+        return {"base_model.model." + pn: p for pn, p in self.model.named_parameters() if id(p) in ids}
 
     def merge(self) -> None:
         pass
@@ -58,14 +58,13 @@ class BitFitMethod(PeftMethod):
 
     @contextlib.contextmanager
     def disabled(self):
-        params = dict(self.model.named_parameters())
-        saved = {pn: params[pn].detach().clone() for pn in self.original}
+        saved = [p.detach().clone() for p in self.params]
         with torch.no_grad():
-            for pn, v in self.original.items():
-                params[pn].copy_(v)
+            for p, v in zip(self.params, self.original):
+                p.copy_(v)
         try:
             yield
         finally:
             with torch.no_grad():
-                for pn, v in saved.items():
-                    params[pn].copy_(v)
+                for p, v in zip(self.params, saved):
+                    p.copy_(v)

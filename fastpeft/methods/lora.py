@@ -19,10 +19,9 @@ from torch import nn
 
 from fastpeft import families
 from fastpeft.config import _check, _Config
-from fastpeft.methods.base import Journal, PeftMethod, get_module, register_method, with_seq_cls_head
+from fastpeft.methods.base import Journal, PeftMethod, get_module, own_parameters, register_method, with_seq_cls_head
 from fastpeft.modules.lora import LoRALayer, LoRALinear, is_conv1d
 from fastpeft.modules.lora_layers import LoRAConv2d, LoRAEmbedding
-from fastpeft.modules.slots import ModulesToSave
 from fastpeft.modules.tuner import TunerLayer
 
 __all__ = ["LoraConfig", "LoraMethod", "LAYER_DISPATCH", "resolve_targets"]
@@ -148,7 +147,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> List[Tuple[str, Opt
         heads = families.head_paths(model)
 
         def linear(m):
-            m = m.base_layer if isinstance(m, LoRALinear) else m
+            while isinstance(m, TunerLayer) and hasattr(m, "base_layer"):
+                m = m.base_layer
             return isinstance(m, nn.Linear) or is_conv1d(m)
         out = [(n, None) for n, m in names if linear(m) and not families.under(n, heads) and _matches(config, n, [n])]
     else:
@@ -165,6 +165,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> List[Tuple[str, Opt
             out.append((parent, sorted(ps, key=order.index)))
     if not out:
         raise ValueError(f"target_modules: {tm!r} matched no module of {type(model).__name__}")
+    for i, (n, parts) in enumerate(out):  # a layer another method wrapped (e.g. an adapter site): its base
+        m = get_module(model, n)
+        while isinstance(m, TunerLayer) and not isinstance(m, LoRALayer) and hasattr(m, "base_layer"):
+            n, m = n + ".base_layer", m.base_layer
+        out[i] = (n, parts)
     for n, _ in out:
         m = get_module(model, n)
         base = m.base_layer if isinstance(m, LoRALayer) else m
@@ -223,9 +228,7 @@ class LoraMethod(PeftMethod):
                 journal.requires_grad(p, True)
 
     def _all_biases(self) -> Dict[str, nn.Parameter]:
-        wrapped = [n for n, m in self.model.named_modules() if isinstance(m, ModulesToSave)]
-        return {pn: p for pn, p in self.model.named_parameters()
-                if pn.endswith("bias") and not families.under(pn, wrapped) and ".lora_" not in pn}
+        return {pn: p for pn, p in own_parameters(self.model).items() if pn.endswith("bias")}
 
     def layers(self) -> List[Tuple[str, LoRALayer]]:
         return [(n, m) for n, m in self.model.named_modules()

@@ -63,7 +63,7 @@ class PrefixTuningMethod(PeftMethod):
         journal.on_undo(lambda: self.pm.prompt_encoder.pop(self.name))
         self.feed = feed.Feed()
         if self.family.prefix == "attention":
-            feed.install_attention_prefix(model, self.family, self.feed, journal)
+            self.feed = feed.install_attention_prefix(model, self.family, self.feed, journal)
 
     @property
     def encoder(self):
@@ -89,7 +89,8 @@ class PrefixTuningMethod(PeftMethod):
         return d
 
     def delete(self) -> None:
-        feed.uninstall(self.model, self.feed)
+        if not any(m is not self and getattr(m, "feed", None) is self.feed for m in self.pm._methods.values()):
+            feed.uninstall(self.model, self.feed)
         self.pm.prompt_encoder.pop(self.name)
 
     def wrap_forward(self, call, args, kwargs):

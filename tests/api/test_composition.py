@@ -188,3 +188,34 @@ def test_prompt_tuning_text_init_equals_peft(text, tmp_path):
     assert torch.equal(back.prompt_encoder["default"].embedding.weight, fp.prompt_encoder["default"].embedding.weight)
     with pytest.raises(ValueError, match="prompt_tuning_init_text"):
         fastpeft.PromptTuningConfig(prompt_tuning_init="TEXT")
+
+
+def test_methods_stack_on_each_other_and_keep_their_own_tensors(tmp_path):
+    """BitFit, Houlsby adapters and LoRA (on the adapter-wrapped projections, bias="all") in one
+    GPT-2: each method keeps exactly its own tensors; two prefix adapters share an HF ViT."""
+    base = build("hf_gpt2")
+    pm = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.BitFitConfig())
+    n_bitfit = len(pm._methods["default"].tensors())
+    pm.add_adapter("ad", fastpeft.AdapterConfig(kind="houlsby", bottleneck=4))
+    pm.add_adapter("l", fastpeft.LoraConfig(r=2, target_modules=["c_proj"], bias="all", init_lora_weights=False))
+    assert len(pm._methods["default"].tensors()) == n_bitfit  # the adapters' biases are not BitFit's
+    assert not any(".adapters." in k for k in pm._methods["l"].tensors())
+    pm.set_adapter(["default", "ad", "l"])
+    out = run("hf_gpt2", pm)
+    out.pow(2).sum().backward()
+    assert all(p.grad is not None for n in ("default", "ad", "l") for p in pm._methods[n].parameters())
+    with pm.disable_adapter():
+        assert torch.equal(run("hf_gpt2", pm), run("hf_gpt2", base))
+    vit = build("hf_vit")
+    pv = fastpeft.get_peft_model(copy.deepcopy(vit), fastpeft.PrefixTuningConfig(num_virtual_tokens=2))
+    pv.add_adapter("p2", fastpeft.PrefixTuningConfig(num_virtual_tokens=3))
+    with torch.no_grad():
+        pv.prompt_encoder["p2"].embedding.weight.normal_()
+    o1 = run("hf_vit", pv)
+    pv.set_adapter("p2")
+    o2 = run("hf_vit", pv)
+    assert not torch.allclose(o1, o2)
+    pv.delete_adapter("default")
+    assert torch.equal(run("hf_vit", pv), o2)  # the shared attention routing stays for p2
+    pv.delete_adapter("p2")
+    assert pv.active_adapters == [] and torch.equal(run("hf_vit", pv), run("hf_vit", vit))
