@@ -27,7 +27,8 @@ from fastpeft import checkpoint as ckpt
 from fastpeft import families
 from fastpeft.config import _Config, config_from_dict
 from fastpeft.methods.base import Journal, PeftMethod, get_module, method_for, parent_of
-from fastpeft.modules.slots import AdapterLayer, BertParallelOutput, ModulesToSave, ParallelAdapterSlot, ParallelMLP
+from fastpeft.modules.slots import (AdapterLayer, BertParallelOutput, ModulesToSave, ParallelAdapterSlot, ParallelMLP,
+                                    add_modules_to_save)
 from fastpeft.modules.tuner import BASE, TunerLayer, freeze_all_but
 
 __all__ = ["get_peft_model", "PeftModel", "AdapterLayer", "ParallelAdapterSlot", "BertParallelOutput",
@@ -127,28 +128,10 @@ class PeftModel(nn.Module):
         config = cls.prepare_config(model, copy.deepcopy(config))  # the caller's config is never touched
         meth = cls(self, name, config)
         meth.inject(journal, loading)
-        self._add_modules_to_save(name, getattr(config, "modules_to_save", None) or [], journal)
+        add_modules_to_save(model, name, getattr(config, "modules_to_save", None) or [], self._active, journal)
         self._methods[name] = meth
         self.peft_config[name] = config
         journal.on_undo(lambda: (self.peft_config.pop(name, None), self._methods.pop(name, None)))
-
-    def _add_modules_to_save(self, name: str, names: List[str], journal: Journal) -> None:
-        model = self.base_model.model
-        wrapped = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
-        roots = [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in names)
-                 and not any(n.startswith(w + ".") for w in wrapped)]
-        if names and not roots:
-            # PEFT lists both "classifier" and "score" for SEQ_CLS: names that match nothing are
-            # skipped as PEFT does, but a list that matches nothing at all is a mistake
-            raise ValueError(f"modules_to_save: {names!r} matched no module of {type(model).__name__}")
-        for r in roots:
-            w = get_module(model, r)
-            if not isinstance(w, ModulesToSave):
-                w = ModulesToSave(w)
-                journal.replace(model, r, w)
-            w.add(name)
-            w.active_adapters = list(self._active)
-            journal.on_undo(lambda w=w: w.modules_to_save.pop(name))
 
     def _save_roots(self, name: str) -> List[Tuple[str, nn.Module]]:
         return [(n, m.modules_to_save[name]) for n, m in self._layers()

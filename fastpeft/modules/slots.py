@@ -23,7 +23,7 @@ from torch import nn
 from fastpeft.modules.tuner import BASE, TunerLayer
 
 __all__ = ["AdapterSlot", "AdapterLayer", "ParallelAdapterSlot", "BertParallelOutput", "ParallelMLP", "CaptureInput",
-           "ModulesToSave"]
+           "ModulesToSave", "add_modules_to_save"]
 
 
 class AdapterSlot(TunerLayer):
@@ -191,3 +191,23 @@ class ModulesToSave(TunerLayer):
             if name in ("original_module", "modules_to_save", "_modules") or "_modules" not in self.__dict__:
                 raise
             return getattr(self.active_module(), name)
+
+
+def add_modules_to_save(model: nn.Module, adapter_name: str, names: List[str], active: List[str], journal) -> None:
+    """Give ``adapter_name`` its own copy of every module named (or ending in) one of ``names``,
+    wrapping it in :class:`ModulesToSave` on first use; every change goes into ``journal``."""
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+    roots = [n for n, _ in model.named_modules() if n and any(n == t or n.endswith("." + t) for t in names)
+             and not any(n.startswith(w + ".") for w in wrapped)]
+    if names and not roots:
+        # PEFT lists both "classifier" and "score" for SEQ_CLS: names that match nothing are
+        # skipped as PEFT does, but a list that matches nothing at all is a mistake
+        raise ValueError(f"modules_to_save: {names!r} matched no module of {type(model).__name__}")
+    for r in roots:
+        w = model.get_submodule(r)
+        if not isinstance(w, ModulesToSave):
+            w = ModulesToSave(w)
+            journal.replace(model, r, w)
+        w.add(adapter_name)
+        w.active_adapters = list(active)
+        journal.on_undo(lambda w=w: w.modules_to_save.pop(adapter_name))
