@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
-__all__ = ["HEAD_NAMES", "BlockSpec", "BLOCKS", "Family", "FAMILIES", "family_of", "block_sites", "head_paths",
+__all__ = ["HEAD_NAMES", "PART_ALIASES", "BlockSpec", "BLOCKS", "Family", "FAMILIES", "family_of", "block_sites", "head_paths",
            "bias_names", "out_features", "is_hf", "layer_index"]
 
 #: names of output heads (the last component of a module path)
@@ -159,6 +159,10 @@ def _is_fp_bert(model) -> bool:
 def _is_hf_vit(model) -> bool:
     return is_hf(model) and getattr(model.config, "model_type", None) == "vit"
 
+
+#: names a part of a fused projection answers to in ``target_modules`` (besides its own)
+PART_ALIASES: Dict[str, Tuple[str, ...]] = {"q": ("q", "q_proj", "query"), "k": ("k", "k_proj", "key"),
+                                            "v": ("v", "v_proj", "value")}
 
 #: PEFT's default LoRA targets by ``config.model_type`` (the families fastpeft is tested on and a few more)
 HF_LORA_TARGETS: Dict[str, Tuple[str, ...]] = {

@@ -135,8 +135,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> List[Tuple[str, Opt
     inner = [n for n, m in model.named_modules() if isinstance(m, (TunerLayer,)) and n]
     names = [(n, m) for n, m in model.named_modules() if n and not any(n.startswith(i + ".") for i in inner)]
     fused = families.family_of(model).fused
-    virtual = [(f"{n}.{part}", n) for n, m in names if n.rpartition(".")[2] in fused
-               for part in fused[n.rpartition(".")[2]]]
+    # parts of fused projections, under the part's name and its usual aliases, as children of the
+    # fused layer or as siblings (``blocks.0.attn.qkv.q``, ``blocks.0.attn.q_proj``, ...)
+    virtual = [(f"{where}.{alias}", n, part) for n, m in names if n.rpartition(".")[2] in fused
+               for part in fused[n.rpartition(".")[2]] for alias in families.PART_ALIASES.get(part, (part,))
+               for where in (n, n.rpartition(".")[0]) if where]
     tm = config.target_modules
     if tm is None:
         tm = families.default_lora_targets(model, {n.rpartition(".")[2] for n, _ in names})
@@ -153,16 +156,15 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> List[Tuple[str, Opt
         out = [(n, None) for n, m in names if linear(m) and not families.under(n, heads) and _matches(config, n, [n])]
     else:
         out = [(n, None) for n, _ in names if _matches(config, n, tm)]
-        parts: Dict[str, List[str]] = {}
-        for v, parent in virtual:
+        parts: Dict[str, set] = {}
+        for v, parent, part in virtual:
             if _matches(config, v, tm):
-                parts.setdefault(parent, []).append(v.rpartition(".")[2])
+                parts.setdefault(parent, set()).add(part)
         whole = {n for n, _ in out}
         for parent, ps in parts.items():
-            if parent in whole:
-                raise ValueError(f"target_modules: {tm!r} matches both {parent!r} and its parts {ps}; target one")
-            order = fused[parent.rpartition(".")[2]]
-            out.append((parent, sorted(ps, key=order.index)))
+            if parent not in whole:  # the whole projection, when also targeted, wins
+                order = fused[parent.rpartition(".")[2]]
+                out.append((parent, sorted(ps, key=order.index)))
     if not out:
         raise ValueError(f"target_modules: {tm!r} matched no module of {type(model).__name__}")
     for i, (n, parts) in enumerate(out):  # a layer another method wrapped (e.g. an adapter site): its base

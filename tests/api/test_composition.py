@@ -77,14 +77,16 @@ def test_prefix_tuning_on_hf_vit_equals_concatenated_attention(tmp_path):
     assert not any("forward" in m.__dict__ for m in pm.modules())
 
 
-@pytest.mark.parametrize("parts", [["q", "v"], ["v"], ["attn.qkv.k"]], ids=["qv", "v", "k-by-path"])
+@pytest.mark.parametrize("parts", [["q", "v"], ["v"], ["attn.qkv.k"], ["q_proj", "value"], r".*\.attn\.(q|v)"],
+                         ids=["qv", "v", "k-by-path", "hf-names", "regex-siblings"])
 def test_lora_on_parts_of_the_reference_vit_qkv(parts, tmp_path):
     base = build("fp_vit")
     pm = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(r=2, target_modules=parts,
                                                                          init_lora_weights=False))
     layer = pm.model.blocks[0].attn.qkv
     assert isinstance(layer, LoRALinear)
-    names = [p.rpartition(".")[2] for p in parts]
+    names = ["q", "v"] if isinstance(parts, str) else \
+        [{"q_proj": "q", "value": "v"}.get(p, p).rpartition(".")[2] for p in parts]
     D, r = 32, 2
     assert layer.out_slices["default"] == [("qkv".index(n) * D, ("qkv".index(n) + 1) * D) for n in names]
     assert pm.get_nb_trainable_parameters()[0] == 2 * len(names) * (r * D + D * r)
@@ -108,8 +110,8 @@ def test_lora_on_parts_of_the_reference_vit_qkv(parts, tmp_path):
     pm.save_pretrained(str(tmp_path))
     back = fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
     assert torch.equal(run("fp_vit", back), out.detach())
-    with pytest.raises(ValueError, match="both"):
-        fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(target_modules=["qkv", "q"]))
+    both = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(target_modules=["qkv", "q"]))
+    assert both.model.blocks[0].attn.qkv.out_slices["default"] is None  # the whole projection wins
 
 
 def test_lora_together_with_prompt_tuning():
