@@ -81,7 +81,7 @@ uint32_t seed_value(const std::optional<Tensor>& seed) {
 #pragma GCC target("prefer-vector-width=512")
 #endif
 // keep[i*K + j] = dropout_keep(seed, thr, (row0+i)*K + j) for rows [row0, row0+rows); and, when
-// xd != nullptr, xd[i*K + j] = keep ? x[i, j] * scale : 0 (x read through its strides).
+// xd != nullptr, xd[i*K + j] = x[i, j] · (keep ? scale : 0) (x read through its strides).
 // The common case (the 32-bit high word of the index constant along a row) is a plain loop
 // the compiler vectorises (vpmulld, 16 lanes with AVX-512).
 template <typename T>
@@ -103,37 +103,38 @@ void dropout_rows(uint32_t seed, uint32_t thr, T scale, int64_t row0, int64_t ro
           for (int64_t j = 0; j < K; ++j) {
             const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
             kr[j] = k;
-            xo[j] = k ? xr[j] * scale : T(0);
+            xo[j] = xr[j] * (k ? scale : T(0));
           }
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < K; ++j) {
             const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
-            xo[j] = k ? xr[j] * scale : T(0);
+            xo[j] = xr[j] * (k ? scale : T(0));
           }
         }
       } else {
         for (int64_t j = 0; j < K; ++j) {
           const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
           if (kr) kr[j] = k;
-          if (xo) xo[j] = k ? xr[j * sx1] * scale : T(0);
+          if (xo) xo[j] = xr[j * sx1] * (k ? scale : T(0));
         }
       }
     } else {  // the row straddles a multiple of 2**32 elements: per-element key
       for (int64_t j = 0; j < K; ++j) {
         const bool k = fastpeft::dropout_keep(seed, thr, base + j);
         if (kr) kr[j] = k;
-        if (xo) xo[j] = k ? xr[j * sx1] * scale : T(0);
+        if (xo) xo[j] = xr[j * sx1] * (k ? scale : T(0));
       }
     }
   }
 }
 
-// d[i, j] = keep[i, j] ? d[i, j] * scale : 0 on a contiguous rows×K block.
+// d[i, j] = d[i, j] · (keep[i, j] ? scale : 0) on a contiguous rows×K block (a multiply, not a
+// select: a dropped NaN / inf gives NaN, as in the reference).
 template <typename T>
 void apply_keep(T* d, const uint8_t* keep, int64_t n, T scale) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) d[j] = keep[j] ? d[j] * scale : T(0);
+  for (int64_t j = 0; j < n; ++j) d[j] = d[j] * (keep[j] ? scale : T(0));
 }
 #ifdef __AVX512F__
 #pragma GCC pop_options
@@ -144,16 +145,29 @@ int64_t num_chunks(int64_t nblk) {
   return std::max<int64_t>(1, std::min<int64_t>(nblk, at::get_num_threads()));
 }
 
-// Rows per outer block when the big GEMM runs per block (oneDNN path): >= 256 rows keep the
-// single-threaded GEMM at full speed, a multiple of the rank-pass block br, and at least one
-// block per thread. FASTPEFT_LORA_GB overrides (tests use tiny blocks to cover tails).
+// Rows per outer block of the parallel pass, balanced: the block count is a multiple of the
+// thread count, so every thread (one fixed chunk of blocks each) gets the same number of blocks
+// of near-equal height. (13 blocks split 6/7 left one thread idle for 1/7 of the pass; 7 blocks
+// at M = 512 split 3/4, a quarter.) Blocks hold at most `target` rows: the rank-pass block br
+// (x/dy block in L2), or >= 256 rows when the big GEMM runs per block (a single-threaded GEMM
+// on fewer rows runs slower). The blocking depends only on (M, K, N, thread count), so the
+// per-chunk partial sums, and the results, are the same on every call.
+// FASTPEFT_LORA_BR / FASTPEFT_LORA_GB override br / the outer block (tests use tiny blocks
+// to cover ragged tails).
+int64_t balanced_rows(int64_t M, int64_t target) {
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nblk = std::max<int64_t>(1, (M + target - 1) / target);
+  nblk = (nblk + nth - 1) / nth * nth;
+  return std::max<int64_t>(1, (M + nblk - 1) / nblk);
+}
+
 int64_t gemm_rows(int64_t M, int64_t br) {
   if (const char* e = std::getenv("FASTPEFT_LORA_GB")) return std::max<int64_t>(br, std::atoll(e));
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  int64_t gb = std::max<int64_t>(br, (256 + br - 1) / br * br);
-  const int64_t per_thread = (M + nth - 1) / nth;
-  if (per_thread < gb) gb = std::max<int64_t>(br, (per_thread + br - 1) / br * br);
-  return gb;
+  // As many >= 256-row blocks as fit, rounded down to a multiple of the thread count (at least
+  // one per thread), then balanced.
+  const int64_t nob = std::max<int64_t>(1, M / 256 / nth) * nth;
+  return std::max<int64_t>(1, (M + nob - 1) / nob);
 }
 
 void check_2d(const char* name, const Tensor& t) {
@@ -230,7 +244,9 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
   const bool blocked = cfg.blocked && M > 0;
   const Tensor Wt = weight.t();
   if (M > 0) {
-    const int64_t br = block_rows(std::max(K, N), sizeof(T));
+    const int64_t br0 = block_rows(std::max(K, N), sizeof(T));
+    const bool br_set = std::getenv("FASTPEFT_LORA_BR") != nullptr;
+    const int64_t br = br_set ? br0 : std::min(br0, balanced_rows(M, br0));
     const int64_t gb = blocked ? gemm_rows(M, br) : br;  // rows per outer block
     const int64_t nblk = (M + gb - 1) / gb;
     const int64_t nch = num_chunks(nblk);
@@ -315,7 +331,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     dA = at::zeros({r, K}, opts);
     dB = at::zeros({N, r}, opts);
   } else {
-    const int64_t br = block_rows(std::max(K, N), sizeof(T));
+    const int64_t br0 = block_rows(std::max(K, N), sizeof(T));
+    const bool br_set = std::getenv("FASTPEFT_LORA_BR") != nullptr;
+    const int64_t br = br_set ? br0 : std::min(br0, balanced_rows(M, br0));
     const int64_t gb = blocked ? gemm_rows(M, br) : br;  // rows per outer block
     const int64_t nblk = (M + gb - 1) / gb;
     const int64_t nch = num_chunks(nblk);
