@@ -197,6 +197,10 @@ def info() -> str:
         lines.append(f"  {name:<10} {'available' if st['available'] else 'NOT available'}")
         for fam, r in st["ops"].items():
             lines.append(f"      {fam:<18} {r}")
+    from fastpeft import _cpuinfo
+
+    lines.append(f"CPU: {_cpuinfo.cpu_model()} ({_cpuinfo.isa()})")
+    lines += [f"  {line}" for line in _cpuinfo.gemm_report()]
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         chosen = {}
         for f in FAMILIES:
