@@ -86,10 +86,13 @@ def _bench(args) -> int:
         rows = bench.run_cases(cases, csv_path=args.csv, memory=not args.no_memory)
         all_rows += rows
         alloc = ""
+        where = bench.device_name(device)
         if device.type == "cpu":
+            from fastpeft import _cpuinfo
+
             alloc = ", THP_MEM_ALLOC_ENABLE=1" if _thp_on() else ", default allocator"
-        title = (f"### `--op {op}` on {bench.device_name(device)}, {str(dtype)[6:]}{alloc}, "
-                 f"commit {bench.commit()}")
+            where += f" ({_cpuinfo.cpu_model()}; {_cpuinfo.isa()})"
+        title = f"### `--op {op}` on {where}, {str(dtype)[6:]}{alloc}, commit {bench.commit()}"
         md += [title, "", bench.format_table(rows), ""] + [f"{n}\n" for n in getattr(mod, "NOTES", [])]
         print()
         print(title)

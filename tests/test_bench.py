@@ -32,6 +32,14 @@ def test_measure_interleaves_and_orders(tmp_path):
     with open(path) as f:
         got = list(csv.DictReader(f))
     assert list(got[0]) == bench.COLUMNS and len(got) == 2
+    from fastpeft import _cpuinfo
+
+    assert got[0]["cpu"] == _cpuinfo.cpu_model() and got[0]["isa"] == _cpuinfo.isa()
+    # A CSV of another layout (an older bench) is not appended to silently.
+    old = tmp_path / "old.csv"
+    old.write_text(",".join(bench.COLUMNS[:-2]) + "\n")
+    with pytest.raises(ValueError, match="are not this bench's"):
+        bench.write_csv(rows, str(old))
     table = bench.format_table(rows)
     assert "| toy | fwd | n=256 |" in table and "×" in table
 

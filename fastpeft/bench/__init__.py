@@ -32,8 +32,10 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from fastpeft import _cpuinfo
+
 COLUMNS = ["op", "provider", "mode", "shape", "dtype", "device", "p20_ms", "p50_ms", "p80_ms",
-           "peak_mb", "reps", "commit"]
+           "peak_mb", "reps", "commit", "cpu", "isa"]  # cpu, isa: a figure is a claim about the CPU it ran on
 
 Prep = Callable[[], Callable[[], object]]
 
@@ -278,15 +280,24 @@ def run_cases(cases: List[Case], csv_path: Optional[str] = None, memory: bool = 
                              dtype=str(case.dtype).replace("torch.", ""),
                              device=device_name(case.device), p20_ms=round(p20, 4),
                              p50_ms=round(p50, 4), p80_ms=round(p80, 4), peak_mb=round(peak, 2),
-                             reps=len(ts), commit=sha, _floor=case.floor, _ours=case.ours))
+                             reps=len(ts), commit=sha, cpu=_cpuinfo.cpu_model(), isa=_cpuinfo.isa(),
+                             _floor=case.floor, _ours=case.ours))
         if csv_path:  # case by case: a run stopped at a time limit keeps the cases it finished
             write_csv(rows[-len(times):], csv_path)
     return rows
 
 
 def write_csv(rows: List[dict], path: str) -> None:
+    """Append rows; a file written with other columns (an older format) is an error, not a silent
+    mix of layouts."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != COLUMNS:
+            raise ValueError(f"{path}: its columns {header} are not this bench's {COLUMNS}; "
+                             "write to a new file (--csv)")
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         if new:

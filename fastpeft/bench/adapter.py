@@ -34,7 +34,7 @@ ACT, SCALING, P = "gelu", 0.1, 0.0  # acceptance configuration: GELU, scaling 0.
 
 # (M tokens, d, m bottleneck): the CPU acceptance shape in every mode plus a smaller M (step only).
 CPU_SHAPES = [(8192, 768, 64)]
-CPU_SMALL = [(2048, 768, 64)]
+CPU_SMALL = [(2048, 768, 64), (4096, 1024, 16)]
 CUDA_SHAPES = [(16384, 4096, 64)]
 QUICK_SHAPES = [(64, 32, 8)]
 MODES = ("fwd", "bwd", "full")
@@ -88,7 +88,8 @@ def cases(device, dtype, quick: bool) -> List[Case]:
     elif quick:
         plan = [(s, m) for s in QUICK_SHAPES for m in MODES]
     else:
-        plan = [(s, m) for s in CPU_SHAPES for m in MODES] + [(s, "full") for s in CPU_SMALL]
+        plan = ([(s, m) for s in CPU_SHAPES for m in MODES] + [(s, "full") for s in CPU_SMALL]
+                + [((4096, 1024, 16), "fwd")])
     out: List[Case] = []
     shared: Dict[tuple, dict] = {}
     for (M, d, m), mode in plan:
