@@ -46,9 +46,11 @@ def cxx_flags() -> List[str]:
     """Compile flags of the C++ backend, for setup.py and for the build on first use alike.
 
     ``-march=native``: the extension is built on the machine that runs it (``FASTPEFT_MARCH`` overrides).
+    ``-g0``: setup.py's compile line starts with Python's own CFLAGS, which carry ``-g``: debug info
+    makes the objects 20x larger and the build ~1.6x slower, and changes no generated code.
     """
     arch = os.environ.get("FASTPEFT_MARCH", "native")
-    return ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG", f"-march={arch}"]
+    return ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG", f"-march={arch}", "-g0"]
 
 
 LD_FLAGS = ["-fopenmp"]

@@ -1,8 +1,9 @@
 """Every install route ends with the C++ backend (issue 9, item 1).
 
-Each test makes a genuinely fresh venv, installs torch from constraints.txt (the CPU wheel), copies
-this source tree (tracked and untracked-but-not-ignored files: what a clone plus local edits has) and
-installs it by one route:
+Each test makes a fresh venv holding torch alone (pip installs torch from constraints.txt once, into
+a template venv; each route's new venv gets a hard-linked copy of that site-packages instead of
+unpacking the ~1 GB wheel again), copies this source tree (tracked and untracked-but-not-ignored
+files: what a clone plus local edits has) and installs it by one route:
 
 * ``pip install --no-build-isolation -e .``  -> prebuilt ``fastpeft._C`` in the source copy
 * ``pip install --no-build-isolation .``     -> prebuilt ``fastpeft._C`` in site-packages
@@ -10,7 +11,8 @@ installs it by one route:
 
 then, from a directory outside the source, checks that every op family picks the ``cpu`` backend
 and that a LoRA forward/backward matches the reference. Each route compiles the C++ backend once
-(~1-1.5 min on 2 cores), so the module takes ~5-8 min; ``FASTPEFT_SKIP_INSTALL_TESTS=1`` skips it.
+(~1-1.5 min on 2 cores), so the module takes ~5-6 min on a quiet 2-core machine;
+``FASTPEFT_SKIP_INSTALL_TESTS=1`` skips it.
 """
 from __future__ import annotations
 
@@ -20,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -97,48 +98,47 @@ def _check(py: Path, cwd: Path, env: dict) -> dict:
     return res
 
 
-#: route -> extra packages in its fresh venv besides torch (the editable route is the developer's,
-#: with ninja as scripts/setup.sh installs it; the others start from torch alone)
+#: route -> packages its fresh venv gets besides torch (the editable route is the developer's, with
+#: ninja as scripts/setup.sh installs it; the others start from torch alone)
 ROUTES = {"editable-no-isolation": ["ninja"], "no-isolation": [], "isolated": []}
+SITE = Path("lib", f"python{sys.version_info.major}.{sys.version_info.minor}", "site-packages")
 
 
 @pytest.fixture(scope="module")
-def venvs(request, tmp_path_factory):
-    """route -> future of (python of a fresh venv with torch, its directory), for the routes this
-    session runs. Made side by side: pip unpacking torch is mostly one core, and one route compiles
-    while the next venv is being made."""
-    here = Path(__file__).resolve()
-    wanted = [r for r in ROUTES if any(Path(item.path).resolve() == here
-                                       and getattr(item, "callspec", None) and item.callspec.params.get("route") == r
-                                       for item in request.session.items)]
-
-    def make(route):
-        tmp = tmp_path_factory.mktemp(route)
-        env = _env(tmp)
-        venv = tmp / "venv"
-        _run([sys.executable, "-m", "venv", venv], tmp, env)
-        py = venv / "bin" / "python"
-        _run([py, "-m", "pip", "install", "-q", "-c", CONSTRAINTS, "torch", *ROUTES[route]], tmp, env)
-        return py, tmp
-
+def torch_site(tmp_path_factory):
+    """site-packages of a new venv after ``pip install -c constraints.txt torch``."""
     assert CONSTRAINTS.is_file(), f"{CONSTRAINTS} missing"
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {r: pool.submit(make, r) for r in wanted}
-        yield futures
-        for f in futures.values():
-            if f.done() and not f.exception():
-                shutil.rmtree(f.result()[1] / "venv", ignore_errors=True)  # ~1 GB each
+    tmp = tmp_path_factory.mktemp("torch-template")
+    env = _env(tmp)
+    _run([sys.executable, "-m", "venv", tmp / "venv"], tmp, env)
+    _run([tmp / "venv" / "bin" / "python", "-m", "pip", "install", "-q", "-c", CONSTRAINTS, "torch"], tmp, env)
+    yield tmp / "venv" / SITE
+    shutil.rmtree(tmp / "venv", ignore_errors=True)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 @pytest.fixture
-def fresh(route, venvs):
+def fresh(route, torch_site, tmp_path):
     """(python of a fresh venv with torch, copy of this source tree, env, a cwd outside both)"""
-    py, tmp = venvs[route].result()
-    env = _env(tmp)
-    src = _copy_source(tmp / "src")
-    elsewhere = tmp / "elsewhere"
+    env = _env(tmp_path)
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", venv], tmp_path, env)
+    shutil.rmtree(venv / SITE)  # what `pip install torch` would leave there: the template's, linked
+    shutil.copytree(torch_site, venv / SITE, symlinks=True, copy_function=_link_or_copy)
+    py = venv / "bin" / "python"
+    if ROUTES[route]:
+        _run([py, "-m", "pip", "install", "-q", "-c", CONSTRAINTS, *ROUTES[route]], tmp_path, env)
+    src = _copy_source(tmp_path / "src")
+    elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    return py, src, env, elsewhere
+    yield py, src, env, elsewhere
+    shutil.rmtree(venv, ignore_errors=True)
 
 
 @pytest.mark.parametrize("route", ["editable-no-isolation", "no-isolation"])
