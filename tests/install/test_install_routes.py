@@ -11,7 +11,7 @@ files: what a clone plus local edits has) and installs it by one route:
 
 then, from a directory outside the source, checks that every op family picks the ``cpu`` backend
 and that a LoRA forward/backward matches the reference. Each route compiles the C++ backend once
-(~1-1.5 min on 2 cores), so the module takes ~5-6 min on a quiet 2-core machine;
+(40-50 s on 2 quiet cores), so the module takes ~3 min there (much longer on a loaded machine);
 ``FASTPEFT_SKIP_INSTALL_TESTS=1`` skips it.
 """
 from __future__ import annotations
