@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Paste generated tables into README.md between its markers, so its figures come from runs.
 
-    python scripts/update_readme.py BENCH-TABLES bench_out/acceptance.md bench_out/tables.md
+    python scripts/update_readme.py BENCH-TABLES-INTEL bench_out/acceptance.md bench_out/tables.md  (or -AMD)
     python scripts/update_readme.py DEMO-TABLE bench_out/demo.md
 
 Several files are pasted one after the other.
