@@ -61,63 +61,17 @@
 #include <tuple>
 #include <vector>
 
-// Fortran BLAS exported by libtorch_cpu (MKL / OpenBLAS, LP64). Called from inside
-// at::parallel_for, where the BLAS runs single-threaded (nested parallelism is off).
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc);
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc);
-}
+#include "blas.h"
+
 
 namespace {
 
 using at::Tensor;
 
-// Column-major BLAS call; the helpers below express row-major products through it.
-inline void blas(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-                 const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m <= 0 || n <= 0) return;
-  const int M = m, N = n, K = k, LA = lda, LB = ldb, LC = ldc;
-  if (k <= 0) {  // BLAS with k = 0 only scales C; keep that exact
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t i = 0; i < m; ++i) c[j * ldc + i] = beta == 0.f ? 0.f : beta * c[j * ldc + i];
-    return;
-  }
-  sgemm_(&ta, &tb, &M, &N, &K, &alpha, a, &LA, b, &LB, &beta, c, &LC);
-}
-inline void blas(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
-                 const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  if (m <= 0 || n <= 0) return;
-  const int M = m, N = n, K = k, LA = lda, LB = ldb, LC = ldc;
-  if (k <= 0) {
-    for (int64_t j = 0; j < n; ++j)
-      for (int64_t i = 0; i < m; ++i) c[j * ldc + i] = beta == 0. ? 0. : beta * c[j * ldc + i];
-    return;
-  }
-  dgemm_(&ta, &tb, &M, &N, &K, &alpha, a, &LA, b, &LB, &beta, c, &LC);
-}
-
-// Row-major: C(M×N) = alpha·A(M×K)·B(N×K)ᵀ + beta·C
-template <typename T>
-inline void mm_abT(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
-                   T beta, T* c, int64_t ldc) {
-  blas('T', 'N', N, M, K, alpha, b, ldb, a, lda, beta, c, ldc);
-}
-// Row-major: C(M×N) = alpha·A(M×K)·B(K×N) + beta·C
-template <typename T>
-inline void mm_ab(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
-                  T beta, T* c, int64_t ldc) {
-  blas('N', 'N', N, M, K, alpha, b, ldb, a, lda, beta, c, ldc);
-}
-// Row-major: C(M×N) = alpha·A(K×M)ᵀ·B(K×N) + beta·C
-template <typename T>
-inline void mm_aTb(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb,
-                   T beta, T* c, int64_t ldc) {
-  blas('N', 'T', N, M, K, alpha, b, ldb, a, lda, beta, c, ldc);
-}
+// Row-major BLAS products on raw pointers (csrc/blas.h), single-threaded inside the parallel loop.
+using fastpeft::blas::mm_ab;
+using fastpeft::blas::mm_abT;
+using fastpeft::blas::mm_aTb;
 
 // exp for softmax rows: Cephes-style range reduction + degree-6 polynomial (rel. err ~2e-7),
 // written so `#pragma omp simd` vectorises it; exact 0 below -87 (masked = -inf scores).
