@@ -15,18 +15,20 @@
 //                        xd, dA_c += dt_blkᵀ·xd, dx_blk = (dt_blk·A) ⊙ keep/(1-p),
 //                        then dx_blk += dy_blk·W.
 //
-// With oneDNN the big GEMM runs per outer block of ~256 rows inside the same parallel pass
-// (forward: per 512-column tile of y, so the tile is still in cache); a single-threaded oneDNN
-// GEMM on 256 rows runs as fast as one multi-threaded call. With ATen's GEMM (MKL, slower per
-// block) and for wide dy in backward, it is one multi-threaded call after the pass instead.
+// Where the big GEMM runs and on which library is a run-time choice (Cfg below, timed per
+// shape class by tune.h): per outer block of >= 256 rows inside the same parallel pass
+// ("+blocked"; forward per 512-column tile of y, so the tile is still in cache), or one
+// multi-threaded call after the pass; on ATen (MKL) or oneDNN (gemm.h). The rank-r products
+// run on the register-blocked micro-kernels of rank_kernels.h (r of whole vectors) or on
+// per-block BLAS calls (blas.h). Which is fastest depends on the CPU: measured, oneDNN per
+// block won on an AMD EPYC, MKL after the pass on an Intel Xeon with AMX.
 //
 // So no M×N temporary, no separate add or scale pass, no M×K float mask or dropped copy of
 // x: the extra memory is t and dt (M×r), per-chunk dA/dB partials and BR-row scratch.
-// Blocks run in at::parallel_for (one contiguous chunk of blocks per thread); the rank-r
-// products on a block are register-blocked micro-kernels (below) when r is 1, 2, 4 or 8
-// vectors wide, else single-threaded BLAS calls. The dA/dB partials are per chunk (fixed
-// split), so results do not depend on thread scheduling. FASTPEFT_LORA_BR overrides the
-// block height (for tuning).
+// Blocks run in at::parallel_for (one contiguous chunk of blocks per thread, block count a
+// multiple of the thread count). The dA/dB partials are per chunk (fixed split), so results do
+// not depend on thread scheduling. FASTPEFT_LORA_BR / FASTPEFT_LORA_GB override the block
+// heights (tests).
 // The dropout mask is fastpeft::dropout_keep (common.h), bit-identical to fastpeft._dropout.
 // fp32/fp64 compute natively; fp16/bf16 are upcast to fp32 and the results cast back.
 #include <torch/library.h>
