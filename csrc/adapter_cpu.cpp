@@ -5,8 +5,9 @@
 //
 // Row-blocked: blocks of BR rows (about 1.5 MiB of x) are split into one contiguous chunk of
 // blocks per thread (a fixed split: chunk c = blocks [nblk·c/nch, nblk·(c+1)/nch)); GEMMs on a
-// block are single-threaded calls (gemm.h: oneDNN for fp32, written into slices of z / y / dx
-// in place, ATen otherwise).
+// block are single-threaded: ATen or oneDNN GEMMs written into slices of z / y / dx in place
+// (gemm.h), or the micro-kernels of rank_kernels.h when m fills whole vectors; which one is
+// timed per shape class at run time (Path below, tune.h).
 // The scale is folded into the up weight once per call (Wus = diag(scale)·Wu, c = scale ⊙ bu),
 // unless an entry of scale is ±inf or NaN: then the forward computes u = h·Wuᵀ + bu first and
 // y = R + scale ⊙ u, the reference's order (folded, inf·Wu summed over m gives NaN where the

@@ -6,7 +6,7 @@
 // The frozen linear's own cost is two big GEMMs (x·Wᵀ forward, dy·W backward). Everything
 // LoRA adds is rank-r work, so it is done row block by row block (BR rows, in L2) in ONE
 // parallel pass over x (forward) or over dy and x (backward), and the big GEMMs accumulate on
-// top of it in place (beta = 1, csrc/gemm.h: oneDNN for fp32, ATen otherwise):
+// top of it in place (beta = 1, csrc/gemm.h):
 //
 //   forward   per block: xd = drop(x_blk) (hash regenerated, BR×K scratch), t_blk = xd·Aᵀ,
 //                        y_blk = b + s·t_blk·Bᵀ (replaces the bias broadcast the frozen
