@@ -55,13 +55,30 @@ namespace {
 using at::Tensor;
 using namespace fastpeft::rk;
 
-// Rows per block: the x/dy block and its scratch should stay in L2 (~1 MiB per core).
-int64_t block_rows(int64_t width, int64_t elem) {
-  // FASTPEFT_LORA_BR overrides (read per call: tests use tiny blocks to cover tails).
+// Rows per outer block of the parallel pass, balanced: the block count is a multiple of the
+// thread count, so every thread (one fixed chunk of blocks each) gets the same number of blocks
+// of near-equal height. (13 blocks split 6/7 left one thread idle for 1/7 of the pass; 7 blocks
+// at M = 512 split 3/4, a quarter.) Blocks hold at most `target` rows: the rank-pass block br
+// (x/dy block in L2), or >= 256 rows when the big GEMM runs per block (a single-threaded GEMM
+// on fewer rows runs slower). The blocking depends only on (M, K, N, thread count), so the
+// per-chunk partial sums, and the results, are the same on every call.
+// FASTPEFT_LORA_BR / FASTPEFT_LORA_GB override br / the outer block (tests use tiny blocks
+// to cover ragged tails).
+int64_t balanced_rows(int64_t M, int64_t target) {
+  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
+  int64_t nblk = std::max<int64_t>(1, (M + target - 1) / target);
+  nblk = (nblk + nth - 1) / nth * nth;
+  return std::max<int64_t>(1, (M + nblk - 1) / nblk);
+}
+
+// Rows per rank-pass block: the x/dy block and its scratch should stay in L2 (~1 MiB per
+// core), balanced across the threads.
+int64_t block_rows(int64_t M, int64_t width, int64_t elem) {
+  // FASTPEFT_LORA_BR overrides, unbalanced (read per call: tests use tiny blocks to cover tails).
   if (const char* e = std::getenv("FASTPEFT_LORA_BR")) return std::max<int64_t>(1, std::atoll(e));
   const int64_t target = 256 * 1024;  // bytes of one BR×width block
-  int64_t br = target / std::max<int64_t>(1, width * elem);
-  return std::min<int64_t>(256, std::max<int64_t>(16, br));
+  const int64_t br = std::min<int64_t>(256, std::max<int64_t>(16, target / std::max<int64_t>(1, width * elem)));
+  return std::min(br, balanced_rows(M, br));
 }
 
 uint32_t dropout_threshold(double p) {
@@ -147,22 +164,6 @@ int64_t num_chunks(int64_t nblk) {
   return std::max<int64_t>(1, std::min<int64_t>(nblk, at::get_num_threads()));
 }
 
-// Rows per outer block of the parallel pass, balanced: the block count is a multiple of the
-// thread count, so every thread (one fixed chunk of blocks each) gets the same number of blocks
-// of near-equal height. (13 blocks split 6/7 left one thread idle for 1/7 of the pass; 7 blocks
-// at M = 512 split 3/4, a quarter.) Blocks hold at most `target` rows: the rank-pass block br
-// (x/dy block in L2), or >= 256 rows when the big GEMM runs per block (a single-threaded GEMM
-// on fewer rows runs slower). The blocking depends only on (M, K, N, thread count), so the
-// per-chunk partial sums, and the results, are the same on every call.
-// FASTPEFT_LORA_BR / FASTPEFT_LORA_GB override br / the outer block (tests use tiny blocks
-// to cover ragged tails).
-int64_t balanced_rows(int64_t M, int64_t target) {
-  const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
-  int64_t nblk = std::max<int64_t>(1, (M + target - 1) / target);
-  nblk = (nblk + nth - 1) / nth * nth;
-  return std::max<int64_t>(1, (M + nblk - 1) / nblk);
-}
-
 int64_t gemm_rows(int64_t M, int64_t br) {
   if (const char* e = std::getenv("FASTPEFT_LORA_GB")) return std::max<int64_t>(br, std::atoll(e));
   const int64_t nth = std::max<int64_t>(1, at::get_num_threads());
@@ -246,9 +247,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
   const bool blocked = cfg.blocked && M > 0;
   const Tensor Wt = weight.t();
   if (M > 0) {
-    const int64_t br0 = block_rows(std::max(K, N), sizeof(T));
-    const bool br_set = std::getenv("FASTPEFT_LORA_BR") != nullptr;
-    const int64_t br = br_set ? br0 : std::min(br0, balanced_rows(M, br0));
+    const int64_t br = block_rows(M, std::max(K, N), sizeof(T));
     const int64_t gb = blocked ? gemm_rows(M, br) : br;  // rows per outer block
     const int64_t nblk = (M + gb - 1) / gb;
     const int64_t nch = num_chunks(nblk);
@@ -333,9 +332,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     dA = at::zeros({r, K}, opts);
     dB = at::zeros({N, r}, opts);
   } else {
-    const int64_t br0 = block_rows(std::max(K, N), sizeof(T));
-    const bool br_set = std::getenv("FASTPEFT_LORA_BR") != nullptr;
-    const int64_t br = br_set ? br0 : std::min(br0, balanced_rows(M, br0));
+    const int64_t br = block_rows(M, std::max(K, N), sizeof(T));
     const int64_t gb = blocked ? gemm_rows(M, br) : br;  // rows per outer block
     const int64_t nblk = (M + gb - 1) / gb;
     const int64_t nch = num_chunks(nblk);
