@@ -14,20 +14,14 @@ bytes each mode must move at least, in units of x (M·d elements): the forward r
 y (2, the copy's own traffic); the backward reads dy and x and writes dx (3); the step both (5).
 So fraction = (units / 2) · copy time / fastpeft time.
 """
-import csv
+import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-Key = Tuple[str, str, str, str]  # op, provider, mode, shape
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from acceptance import Key, load  # noqa: E402 - the CPU script's CSV loader, one copy
+
 ADAPTER_UNITS = {"fwd": 2, "bwd": 3, "full": 5}
-
-
-def load(path: str) -> Dict[Key, dict]:
-    rows: Dict[Key, dict] = {}
-    with open(path) as f:
-        for r in csv.DictReader(f):
-            rows[(r["op"], r["provider"], r["mode"], r["shape"])] = r
-    return rows
 
 
 def figures(rows: Dict[Key, dict]) -> List[Tuple[str, str, str, Optional[bool]]]:
