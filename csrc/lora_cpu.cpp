@@ -35,7 +35,6 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/Utils.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -431,31 +430,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
 // are widened per call, zero-padded to rank rp >= r (whole vectors: the padding adds zeros).
 // No fp32 copy of x, W or dy: the extra memory is O(M·rp) plus per-thread block scratch.
 
-// The smallest rank rp >= r the fp32 micro-kernels take, or 0 (r > 128: upcast only).
-int64_t padded_rank(int64_t r) {
-  for (int64_t rp : {8, 16, 32, 64, 128})
-    if (rp >= r && rank_vb<float>(rp) != 0) return rp;
-  return 0;
-}
-
 // m (rows, c) widened to fp32 and zero-padded to (rows, cols).
 Tensor pad_cols_f32(const Tensor& m, int64_t cols) {
   Tensor out = at::zeros({m.size(0), cols}, m.options().dtype(at::kFloat));
   out.narrow(1, 0, m.size(1)).copy_(m);
   return out;
-}
-
-// Does this CPU run GEMMs of dtype st natively (faster than fp32)? bf16: AVX512-BF16 or
-// AMX-BF16; fp16: AMX-FP16 (AVX512-FP16 alone measured slower than fp32 on an Intel Xeon).
-// Elsewhere the ops time the native path against "upcast".
-bool native_lowp_gemm(at::ScalarType st) {
-  static const auto caps = at::cpu::get_cpu_capabilities();
-  auto has = [&](const char* k) {
-    auto it = caps.find(k);
-    return it != caps.end() && it->second.isBool() && it->second.toBool();
-  };
-  if (st == at::kBFloat16) return has("avx512_bf16") || has("amx_bf16");
-  return has("amx_fp16");
 }
 
 std::vector<Cfg> lowp_candidates(at::ScalarType st, int64_t r) {
@@ -465,7 +444,7 @@ std::vector<Cfg> lowp_candidates(at::ScalarType st, int64_t r) {
     out.push_back({fastpeft::Lib::Aten, true, false});
     out.push_back({fastpeft::Lib::Aten, false, false, false, true});
   }
-  if (out.empty() || !native_lowp_gemm(st)) out.push_back({fastpeft::Lib::Aten, false, false, true});
+  if (out.empty() || !fastpeft::native_lowp_gemm(st)) out.push_back({fastpeft::Lib::Aten, false, false, true});
   return out;
 }
 

@@ -328,6 +328,14 @@ int rank_vb(int64_t r) {
   return 0;
 }
 
+// bf16 / fp16 paths run the micro-kernels in fp32 at a zero-padded rank: the smallest
+// rp >= r they take (whole vectors), or 0 (r > 128).
+inline int64_t padded_rank(int64_t r) {
+  for (int64_t rp : {8, 16, 32, 64, 128})
+    if (rp >= r && rank_vb<float>(rp) != 0) return rp;
+  return 0;
+}
+
 #define FASTPEFT_NV_CASES(T, VBV, R, ...)                                            \
   switch ((R) / kV<T, VBV>) {                                                        \
     case 1: { constexpr int VB = VBV, NV = 1; __VA_ARGS__; } break;                  \
