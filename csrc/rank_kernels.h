@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -127,25 +128,44 @@ struct Cvt<c10::Half, float, VB> {
   }
 };
 
+// keep[0:W] (bytes 0 / 1) as a vector of T (0 / 1): one widening instruction pair on x86
+// (GCC's generic u8 -> i32 conversion goes element by element).
+template <typename T, int VB>
+inline typename VecT<T, VB>::v keep_vec(const uint8_t* keep) {
+  using V = typename VecT<T, VB>::v;
+  constexpr int W = kV<T, VB>;
+  V v;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<T, float>::value && VB == 64) {
+    const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep))));
+    std::memcpy(&v, &f, sizeof(v));
+    return v;
+  }
+#endif
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value && VB == 32) {
+    const __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep))));
+    std::memcpy(&v, &f, sizeof(v));
+    return v;
+  }
+#endif
+  for (int i = 0; i < W; ++i) v[i] = keep[i] ? T(1) : T(0);
+  return v;
+}
+
 // dst[j] = src[j] · (keep[j] ? scale : 0) (keep != nullptr) or src[j], rounded to S, j < n. A
 // multiply, not a select: a dropped NaN / inf gives NaN, as in the reference.
 template <typename S, typename T, int VB>
 void store_rows(const T* src, S* dst, int64_t n, const uint8_t* keep = nullptr, T scale = T(1)) {
   using V = typename VecT<T, VB>::v;
   constexpr int W = kV<T, VB>;
-  using K8 = typename VecT<uint8_t, W>::v;
-  using I32 = typename VecT<int32_t, W * 4>::v;
   int64_t j = 0;
   if (keep == nullptr) {
     for (; j + W <= n; j += W) Cvt<S, T, VB>::store(dst + j, vload<T, VB>(src + j));
     for (; j < n; ++j) dst[j] = static_cast<S>(src[j]);
   } else {
     for (; j + W <= n; j += W) {
-      K8 k;
-      std::memcpy(&k, keep + j, sizeof(k));
-      // Widen the bytes in two steps (u8 -> i32 -> float): GCC scalarises a direct u8 -> float.
-      const V kf = __builtin_convertvector(__builtin_convertvector(k, I32), V);
-      Cvt<S, T, VB>::store(dst + j, vload<T, VB>(src + j) * (kf * scale));
+      Cvt<S, T, VB>::store(dst + j, vload<T, VB>(src + j) * (keep_vec<T, VB>(keep + j) * scale));
     }
     for (; j < n; ++j) dst[j] = static_cast<S>(src[j] * (keep[j] ? scale : T(0)));
   }
@@ -158,16 +178,9 @@ void add_rows(const T* src, S* dst, int64_t n, const uint8_t* keep, T scale) {
   using V = typename VecT<T, VB>::v;
   using IO = Cvt<S, T, VB>;
   constexpr int W = kV<T, VB>;
-  using K8 = typename VecT<uint8_t, W>::v;
-  using I32 = typename VecT<int32_t, W * 4>::v;
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    V f = V{} + scale;
-    if (keep) {
-      K8 k;
-      std::memcpy(&k, keep + j, sizeof(k));
-      f = __builtin_convertvector(__builtin_convertvector(k, I32), V) * scale;
-    }
+    const V f = keep ? keep_vec<T, VB>(keep + j) * scale : V{} + scale;
     IO::store(dst + j, IO::load(dst + j) + vload<T, VB>(src + j) * f);
   }
   for (; j < n; ++j)
