@@ -63,7 +63,7 @@ def _configs(dtype, r=16):
 
 @pytest.mark.parametrize("dtype", LOWP, ids=lambda d: DTYPE_IDS[d])
 @pytest.mark.parametrize("M,K,N,r", [(1, 129, 65, 1), (7, 129, 65, 7), (97, 129, 65, 16), (1025, 64, 96, 64),
-                                     (33, 40, 50, 100), (65, 200, 33, 200)],
+                                     (33, 40, 50, 100), (65, 200, 33, 200), (0, 8, 6, 2), (5, 8, 0, 2)],
                          ids=lambda v: str(v))
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 def test_lowp_shapes(dtype, M, K, N, r, p):
