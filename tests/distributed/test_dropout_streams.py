@@ -58,3 +58,29 @@ def test_set_dropout_rank_without_process_group_is_rank_0():
 def test_bad_stream_raises(bad):
     with pytest.raises(ValueError, match="stream"):
         _dropout.set_stream(bad)
+
+
+@pytest.mark.parametrize("config", [
+    lambda: fastpeft.VPTConfig(num_prompts=2, deep=True, dropout=0.5),
+    lambda: fastpeft.AdapterConfig(kind="houlsby", bottleneck=4, dropout=0.5),
+    lambda: fastpeft.LoraConfig(r=4, lora_dropout=0.5, target_modules=["qkv"], init_lora_weights=False),
+], ids=["vpt", "adapter", "lora"])
+def test_model_level_dropout_follows_the_rank(config):
+    """Every fastpeft method's dropout (VPT prompts included) draws per-rank masks."""
+    from tests.api._models import fp_vit
+
+    pm = fastpeft.get_peft_model(fp_vit(), config()).train()
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def out(rank):
+        fdist.set_dropout_rank(rank)
+        torch.manual_seed(4)
+        with torch.no_grad():
+            return pm(images=x)
+    a, b = out(0), out(1)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, out(0)) and torch.equal(b, out(1))
