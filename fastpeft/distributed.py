@@ -57,9 +57,14 @@ def set_dropout_rank(rank: Optional[int] = None) -> int:
     same positions of its local rows. After ``set_dropout_rank()`` each seed is mixed with the
     rank (:func:`fastpeft._dropout.set_stream`): the masks differ between ranks and are
     reproducible from (``torch.manual_seed``, rank). Rank 0 keeps the plain draw, so rank 0 of
-    a run sees the masks a single process would. Only fastpeft's own dropout is affected (not
-    ``nn.Dropout`` in the base model), and torch's generator advances as before, so activation
-    checkpointing still recomputes identical masks.
+    a run sees the masks a single process would. torch's generator advances as before, so
+    activation checkpointing still recomputes identical masks.
+
+    Covered: fastpeft's counter-based dropout - the fused LoRA op (``nn.Linear`` targets with one
+    active adapter), adapters, VPT prompts. Not covered: dropout drawn with torch's own RNG -
+    ``nn.Dropout`` in the base model, LoRA's unfused paths (a second active LoRA adapter,
+    mixed-adapter batches, Embedding / Conv2d targets) and P-Tuning v2's prefix dropout; for those, seed torch per rank
+    once the model is built (``torch.manual_seed(seed + rank)``), which also gives distinct streams.
     """
     rank = _rank() if rank is None else rank
     _dropout.set_stream(rank)
