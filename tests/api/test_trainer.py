@@ -128,3 +128,18 @@ def test_peft_trainer_checkpoints_load_in_peft_and_resume(kind, tmp_path):
     assert metrics["eval_loss"] == pytest.approx(want_loss, rel=1e-5)
     tr.save_model(str(tmp_path / "final"))
     assert sorted(os.listdir(tmp_path / "final")) == sorted([CONFIG_NAME, WEIGHTS_NAME, "training_args.bin"])
+
+
+def test_trainer_gradient_checkpointing_same_weights(tmp_path):
+    """``TrainingArguments(gradient_checkpointing=True)`` reaches the wrapped model through the
+    PeftModel and trains to the same adapter weights (LoRA dropout on)."""
+    train = _data("llama", 16, seed=1)
+    runs = {}
+    for gc in (False, True):
+        pm = _model("llama")
+        PeftTrainer(model=pm, args=_args(tmp_path / str(gc), save_strategy="no", gradient_checkpointing=gc),
+                    train_dataset=train).train()
+        assert all(layer.gradient_checkpointing == gc for layer in pm.get_base_model().model.layers)
+        runs[gc] = _adapter(pm)
+    for k in runs[False]:
+        torch.testing.assert_close(runs[True][k], runs[False][k], rtol=1e-6, atol=1e-7, msg=k)

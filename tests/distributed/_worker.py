@@ -48,6 +48,9 @@ SCENARIOS = {
     "vpt_ddp": ("vpt", "ddp"),
     "vpt_fsdp": ("vpt", "fsdp"),
     "lora_dropout_ddp": ("lora_dropout", "ddp"),
+    # no fastpeft helper: plain DistributedDataParallel(model) / fully_shard(model) as users write them
+    "lora_ddp_plain": ("lora", "ddp_plain"),
+    "lora_fsdp_plain": ("lora", "fsdp_plain"),
 }
 
 
@@ -89,6 +92,11 @@ def full_params(model) -> Dict[str, torch.Tensor]:
 
 
 def wrap(model, wrapper: str):
+    if wrapper == "ddp_plain":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    if wrapper == "fsdp_plain":
+        from torch.distributed.fsdp import fully_shard
+        return fully_shard(model)
     if wrapper == "ddp":
         return fdist.ddp(model)
     return fdist.fully_shard_peft(model, shard_base=(wrapper == "fsdp"))
@@ -107,7 +115,7 @@ def train(name: str, rank: int = 0, world: int = 1, save_dir: Optional[str] = No
     comm = []
     if world > 1:
         model = wrap(model, wrapper)
-        if wrapper == "ddp":
+        if wrapper.startswith("ddp"):
             def hook(state, bucket):
                 comm.append(bucket.buffer().numel())
                 fut = dist.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()

@@ -83,7 +83,8 @@ def test_dropout_masks_distinct_per_rank_and_reproducible(results):
         assert not torch.allclose(model(input_ids=x[:2]).logits, outs[0])
 
 
-@pytest.mark.parametrize("name", ["lora_ddp", "adapter_ddp", "prefix_ddp", "vpt_ddp", "lora_dropout_ddp"])
+@pytest.mark.parametrize("name", ["lora_ddp", "adapter_ddp", "prefix_ddp", "vpt_ddp", "lora_dropout_ddp",
+                                  "lora_ddp_plain"])
 def test_ddp_communicates_only_peft_parameters(results, name):
     """Every gradient all-reduce carries exactly the trainable elements, once per step."""
     r = results[name]
@@ -92,7 +93,7 @@ def test_ddp_communicates_only_peft_parameters(results, name):
 
 
 @pytest.mark.parametrize("name,base_sharded", [("lora_fsdp", True), ("lora_fsdp_replicated", False),
-                                               ("adapter_fsdp", True)])
+                                               ("adapter_fsdp", True), ("lora_fsdp_plain", True)])
 def test_fsdp_shards_and_optimizer(results, name, base_sharded):
     """FSDP2: the PEFT parameters are shards and the only thing the optimizer holds; the frozen
     base is sharded too, or (shard_base=False: ignored_params) plain replicated tensors."""
