@@ -11,7 +11,17 @@ instead of saving it.
 
 The seed is a 0-dim int64 CPU tensor drawn from torch's default generator, so
 ``torch.manual_seed`` makes dropout reproducible, and ``torch.compile`` sees a tensor
-rather than a Python int.
+rather than a Python int. Drawing from the default generator is also what keeps activation
+checkpointing exact: ``torch.utils.checkpoint`` (reentrant and not) restores that generator
+before it recomputes a segment, so the recomputed forward draws the same seeds, hence the same
+masks, as the first one.
+
+Several processes (data parallel): every rank seeds torch alike (so that models are built
+identically) and would then draw the same seeds, i.e. the same masks for its local rows as every
+other rank. :func:`set_stream` (``fastpeft.distributed.set_dropout_rank``) gives each rank its own
+stream: the drawn seed is mixed with the stream number, so masks differ between ranks, stay
+reproducible from ``torch.manual_seed`` + rank, and the default generator advances exactly as on
+one process (stream 0 is the plain draw, bit for bit).
 """
 from __future__ import annotations
 
@@ -39,11 +49,33 @@ def threshold(p: float) -> int:
     return min(int(round(p * 2**32)), _M32)
 
 
+_STREAM = 0  # this process's dropout stream (set_stream); 0 = the plain draw
+
+
+def set_stream(stream: int) -> None:
+    """Mix ``stream`` (e.g. the data-parallel rank) into every seed :func:`new_seed` draws from
+    now on, so processes that share torch's seed still draw distinct masks. 0 turns it off."""
+    global _STREAM
+    if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream <= _M32:
+        raise ValueError(f"stream: expected an int in [0, 2**32), got {stream!r}")
+    _STREAM = stream
+
+
+def get_stream() -> int:
+    return _STREAM
+
+
 def new_seed(enabled: bool = True) -> Optional[torch.Tensor]:
-    """Draw a dropout seed from torch's default CPU generator (None when dropout is off)."""
+    """Draw a dropout seed from torch's default CPU generator (None when dropout is off), mixed
+    with this process's stream (:func:`set_stream`) when one is set."""
     if not enabled:
         return None
-    return torch.randint(0, SEED_BOUND, (), dtype=torch.int64)
+    seed = torch.randint(0, SEED_BOUND, (), dtype=torch.int64)
+    if _STREAM:
+        # fmix32 is a bijection of uint32 and (seed + k·odd) mod 2**32 differs for every stream k,
+        # so two streams collide only through the final 31-bit mask (probability 2**-31)
+        seed = fmix32((seed + _STREAM * 0x9E3779B9) & _M32) & SEED_BOUND
+    return seed
 
 
 def keep_mask(seed: int | torch.Tensor, p: float, rows: int, cols: int, device=None,

