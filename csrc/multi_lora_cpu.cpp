@@ -112,6 +112,12 @@ struct Drop {
   T scale;
 };
 
+// The hash loops are plain `omp simd` loops; GCC's default tuning vectorises them with 256-bit
+// registers even where AVX-512 has 512 (16 hashes per instruction instead of 8).
+#ifdef __AVX512F__
+#pragma GCC push_options
+#pragma GCC target("prefer-vector-width=512")
+#endif
 // o[j] = v[j·s1] (· keep/(1-p) when dropout is on, keep = the mask of logical element idx0 + j).
 template <typename T>
 void copy_row(const T* v, int64_t s1, int64_t idx0, int64_t K, const Drop<T>& d, T* o) {
@@ -127,10 +133,19 @@ void copy_row(const T* v, int64_t s1, int64_t idx0, int64_t K, const Drop<T>& d,
   if (hi0 == hi1) {  // one key per row: a loop the compiler vectorises
     const uint32_t key = fastpeft::dropout_key(d.seed, static_cast<uint32_t>(hi0));
     const uint32_t lo = static_cast<uint32_t>(idx0 & 0xffffffffLL);
+    const uint32_t thr = d.thr;  // locals: stores through o must not make the loop reload them
+    const T scale = d.scale;
+    if (s1 == 1) {  // unit stride: 16 hashes per AVX-512 instruction
 #pragma omp simd
-    for (int64_t j = 0; j < K; ++j) {
-      const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= d.thr;
-      o[j] = v[j * s1] * (k ? d.scale : T(0));  // a multiply: a dropped NaN stays NaN, as the reference
+      for (int64_t j = 0; j < K; ++j) {
+        const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
+        o[j] = v[j] * (k ? scale : T(0));  // a multiply: a dropped NaN stays NaN, as the reference
+      }
+    } else {
+      for (int64_t j = 0; j < K; ++j) {
+        const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
+        o[j] = v[j * s1] * (k ? scale : T(0));
+      }
     }
   } else {  // the row straddles a multiple of 2**32 elements: per-element key
     for (int64_t j = 0; j < K; ++j) o[j] = v[j * s1] * (fastpeft::dropout_keep(d.seed, d.thr, idx0 + j) ? d.scale : T(0));
@@ -144,6 +159,10 @@ void gather(const T* v, int64_t s0, int64_t s1, const int64_t* rows, int64_t m, 
             T* out) {
   for (int64_t i = 0; i < m; ++i) copy_row<T>(v + rows[i] * s0, s1, rows[i] * K, K, d, out + i * K);
 }
+
+#ifdef __AVX512F__
+#pragma GCC pop_options
+#endif
 
 template <typename T>
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
