@@ -10,7 +10,8 @@ to backward):
   ``bincount`` + ``cumsum`` the segment offsets ``seg`` (n + 2 entries; adapter a owns
   ``order[seg[a+1] : seg[a+2]]``);
 * ``_seg_matmul_kernel``: ``out[row] (+)= s[a]·mask_out(mask_in(in[row])·Wa)`` for every row of
-  adapter a, one program per (adapter, block of that adapter's rows, output tile). The rows are
+  adapter a, one program per (adapter, block of that adapter's rows, output tile), all on grid
+  axis 0. The rows are
   gathered through ``order`` (no sorted copy of x). It is the forward's shrink ``t = drop(x)·Aᵀ``
   and expand ``y += s·t·Bᵀ``, and the backward's ``dt = s·dy·B`` and ``dx += drop(dt·A)``:
   the per-adapter matrix is read through strides, so Aᵀ / B / A need no copies;
@@ -46,6 +47,7 @@ def _seg_matmul_kernel(
     order_ptr,  # (M,) int64 row indices grouped by adapter (base rows first)
     seg_ptr,    # (n + 2,) int64 offsets into order: adapter a owns [seg[a+1], seg[a+2])
     n_mb,       # row blocks per adapter in the grid (cdiv(M, BLOCK_M))
+    n_ob,       # output tiles per row block (cdiv(OUT, BLOCK_O))
     IN, OUT,
     sim, sii, swa, swi, swo, som, soo,
     seed,       # dropout seed (int in [0, 2**31))
@@ -60,9 +62,11 @@ def _seg_matmul_kernel(
     BLOCK_I: tl.constexpr,     # reduction tile (>= 16; a small IN such as the rank is padded by masks)
     BLOCK_O: tl.constexpr,     # output columns per program (>= 16)
 ):
-    pid = tl.program_id(0)
-    a = pid // n_mb                      # adapter on axis 0 with the row blocks (axis-0 grid limit)
-    mb = pid % n_mb
+    # (adapter, row block, output tile) flattened on axis 0 (axes 1 and 2 are capped at 65535)
+    pid = tl.program_id(0).to(tl.int64)  # int64: its products with the tiles are addresses
+    ob = pid % n_ob
+    mb = (pid // n_ob) % n_mb
+    a = pid // n_ob // n_mb
     start = tl.load(seg_ptr + a + 1)
     end = tl.load(seg_ptr + a + 2)
     if start + mb * BLOCK_M >= end:      # past this adapter's rows (or it has none)
@@ -70,9 +74,9 @@ def _seg_matmul_kernel(
     pos = start + mb * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rmask = pos < end
     rows = tl.load(order_ptr + pos, mask=rmask, other=0).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
+    cols = ob * BLOCK_O + tl.arange(0, BLOCK_O).to(tl.int64)
     omask = cols < OUT
-    w_base = w_ptr + a.to(tl.int64) * swa
+    w_base = w_ptr + a * swa
     ci0 = tl.arange(0, BLOCK_I)
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
     for i0 in range(0, IN, BLOCK_I):
@@ -105,6 +109,7 @@ def _seg_outer_kernel(
     order_ptr,  # (M,) int64 row indices grouped by adapter
     seg_ptr,    # (n + 2,) int64 segment offsets (adapter a: [seg[a+1], seg[a+2]))
     n_pb,       # P tiles per adapter in the grid
+    n_qb,       # Q tiles per P tile
     P, Q,
     sum_, sup, svm, svq,
     seed,       # dropout seed
@@ -117,10 +122,11 @@ def _seg_outer_kernel(
     BLOCK_P: tl.constexpr,    # output rows per program (>= 16)
     BLOCK_Q: tl.constexpr,    # output columns per program (>= 16)
 ):
-    pid = tl.program_id(0)
-    a = pid // n_pb                      # adapter on axis 0 (axis-0 grid limit)
-    cp = (pid % n_pb).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    cq = tl.program_id(1).to(tl.int64) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
+    # (adapter, P tile, Q tile) flattened on axis 0 (axes 1 and 2 are capped at 65535)
+    pid = tl.program_id(0).to(tl.int64)
+    a = pid // n_qb // n_pb
+    cp = ((pid // n_qb) % n_pb) * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    cq = (pid % n_qb) * BLOCK_Q + tl.arange(0, BLOCK_Q).to(tl.int64)
     pmask = cp < P
     qmask = cq < Q
     start = tl.load(seg_ptr + a + 1)
@@ -140,7 +146,7 @@ def _seg_outer_kernel(
         acc = acc * tl.load(s_ptr + a)
     if DROP_V:
         acc = acc * inv_keep
-    gptrs = g_ptr + a.to(tl.int64) * P * Q + cp[:, None] * Q + cq[None, :]
+    gptrs = g_ptr + a * P * Q + cp[:, None] * Q + cq[None, :]
     tl.store(gptrs, acc.to(g_ptr.dtype.element_ty), mask=pmask[:, None] & qmask[None, :])
 
 
@@ -167,9 +173,9 @@ def _seg_matmul(inp, w, w_strides, out, scales, order, seg, n, IN, OUT, drop, *,
     dropout, seed_i, thr, inv_keep = drop
     bm, bo, warps = _tiles(inp)
     bi = 16 if IN <= 16 or _common.small_tiles(inp) else 64
-    n_mb = triton.cdiv(M, bm)
-    _seg_matmul_kernel[(n * n_mb, triton.cdiv(OUT, bo))](
-        inp, w, out, scales if scales is not None else seg, order, seg, n_mb, IN, OUT,
+    n_mb, n_ob = triton.cdiv(M, bm), triton.cdiv(OUT, bo)
+    _seg_matmul_kernel[(n * n_mb * n_ob,)](
+        inp, w, out, scales if scales is not None else seg, order, seg, n_mb, n_ob, IN, OUT,
         inp.stride(0), inp.stride(1), *w_strides, out.stride(0), out.stride(1),
         seed_i, thr, inv_keep,
         HAS_SCALE=scales is not None, DROP_IN=drop_in and dropout, DROP_OUT=drop_out and dropout,
@@ -187,9 +193,9 @@ def _seg_outer(u, v, scales, order, seg, n, drop, *, drop_v=False):
     bm, bt, warps = _tiles(u)
     bp = 16 if P <= 16 else bt
     bq = 16 if Q <= 16 else bt
-    n_pb = triton.cdiv(P, bp)
-    _seg_outer_kernel[(n * n_pb, triton.cdiv(Q, bq))](
-        u, v, g, scales if scales is not None else seg, order, seg, n_pb, P, Q,
+    n_pb, n_qb = triton.cdiv(P, bp), triton.cdiv(Q, bq)
+    _seg_outer_kernel[(n * n_pb * n_qb,)](
+        u, v, g, scales if scales is not None else seg, order, seg, n_pb, n_qb, P, Q,
         u.stride(0), u.stride(1), v.stride(0), v.stride(1), seed_i, thr, inv_keep,
         HAS_SCALE=scales is not None, DROP_V=drop_v and dropout, IEEE=_common.ieee(u.dtype),
         BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, num_warps=warps,
