@@ -148,7 +148,8 @@ void copy_row(const T* v, int64_t s1, int64_t idx0, int64_t K, const Drop<T>& d,
       }
     }
   } else {  // the row straddles a multiple of 2**32 elements: per-element key
-    for (int64_t j = 0; j < K; ++j) o[j] = v[j * s1] * (fastpeft::dropout_keep(d.seed, d.thr, idx0 + j) ? d.scale : T(0));
+    for (int64_t j = 0; j < K; ++j)
+      o[j] = v[j * s1] * (fastpeft::dropout_keep(d.seed, d.thr, idx0 + j) ? d.scale : T(0));
   }
 }
 

@@ -256,8 +256,9 @@ class PeftModel(nn.Module):
         meths = [self._methods[n] for n in prompt]
         kinds = {type(m) for m in meths}
         if len(kinds) > 1 or not getattr(meths[0], "supports_row_prompts", False):
+            kinds = [type(self.peft_config[n]).__name__ for n in prompt]
             raise ValueError(f"adapter_names: per-sample prompts need adapters of one method that supports them "
-                             f"(prefix tuning or prompt tuning), got {[type(self.peft_config[n]).__name__ for n in prompt]}")
+                             f"(prefix tuning or prompt tuning), got {kinds}")
         tokens = {self.peft_config[n].num_virtual_tokens for n in prompt}
         if len(tokens) > 1:
             raise ValueError(f"adapter_names: per-sample prompts need the same num_virtual_tokens, got "

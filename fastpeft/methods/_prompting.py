@@ -25,7 +25,8 @@ from torch import nn
 
 from fastpeft.methods.base import Journal, first_param, get_module
 
-__all__ = ["bind", "row_index", "Feed", "embeds_forward", "cache_forward", "prompt_generate", "install_attention_prefix",
+__all__ = ["bind", "row_index", "Feed",
+           "embeds_forward", "cache_forward", "prompt_generate", "install_attention_prefix",
            "install_vpt_hooks", "uninstall", "input_embeddings"]
 
 
