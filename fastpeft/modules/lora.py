@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastpeft.modules.tuner import TunerLayer
+from fastpeft.ops._common import autocast_dtype
 from fastpeft.ops.lora import lora_linear
 from fastpeft.ops.multi_lora import multi_lora_linear, stack_lora_weights
 
@@ -329,7 +330,9 @@ class LoRALinear(LoRALayer):
 
     def _fused(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         A = self.lora_A[name].weight
-        if x.dtype != A.dtype or x.dtype != self.base_layer.weight.dtype:
+        # Under autocast the op casts x, W and the fp32 LoRA weights to the autocast dtype itself
+        # (as autocast does for nn.Linear), so mixed dtypes still take the fused path there.
+        if (x.dtype != A.dtype or x.dtype != self.base_layer.weight.dtype) and autocast_dtype(x.device) is None:
             return None
         return lora_linear(x, self._weight(), self.base_layer.bias, A, self._B_full(name), self.scaling[name],
                            self.lora_dropout[name], training=self.training, backend=self.backend)
@@ -348,8 +351,9 @@ class LoRALinear(LoRALayer):
         if not used:
             return self._base(x)
         W = self._weight()
-        if x.dtype != W.dtype or any(self.lora_A[n].weight.dtype != x.dtype for n in used):
-            return None  # mixed dtypes: the per-adapter loop casts per adapter
+        mixed = x.dtype != W.dtype or any(self.lora_A[n].weight.dtype != x.dtype for n in used)
+        if mixed and autocast_dtype(x.device) is None:
+            return None  # mixed dtypes outside autocast: the per-adapter loop casts per adapter (as PEFT)
         drops = {self.lora_dropout[n] for n in used}
         if self.training and len(drops) > 1:
             return None  # one dropout rate per fused call

@@ -161,3 +161,23 @@ def test_train_several_adapters_in_one_mixed_batch(monkeypatch):
     for n in mixed:
         torch.testing.assert_close(mixed[n], expect[n], rtol=1e-4, atol=1e-6, msg=n)
     assert all(mixed[n].abs().sum() > 0 for n in mixed)
+
+
+def test_mixed_batch_under_autocast_takes_the_fused_path(tmp_path, monkeypatch):
+    base = hf_llama()
+    _, paths = _save_peft_adapters(base, {k: ADAPTERS[k] for k in ("a", "b")}, tmp_path)
+    fp = _load_fastpeft(base, paths)
+    names = ["b", "__base__", "a"]
+    ids = torch.randint(1, 60, (3, 6), generator=torch.Generator().manual_seed(2))
+    count = _Count(monkeypatch)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = fp(input_ids=ids, adapter_names=names).logits
+        assert count.calls > 0  # fp32 weights, bf16 compute: still one fused call per layer
+        for i, n in enumerate(names):
+            if n == "__base__":
+                with fp.disable_adapter():
+                    alone = fp(input_ids=ids[i:i + 1]).logits
+            else:
+                fp.set_adapter(n)
+                alone = fp(input_ids=ids[i:i + 1]).logits
+            torch.testing.assert_close(mixed[i:i + 1].float(), alone.float(), rtol=3e-2, atol=3e-2)
