@@ -23,6 +23,11 @@ _LAZY = {
     "LoRALinear": "fastpeft.modules.lora",
     "LoRAEmbedding": "fastpeft.modules.lora_layers",
     "LoRAConv2d": "fastpeft.modules.lora_layers",
+    # many LoRA adapters in one batch
+    "multi_lora_linear": "fastpeft.ops.multi_lora",
+    "MultiLoRALinearFunction": "fastpeft.ops.multi_lora",
+    "stack_lora_weights": "fastpeft.ops.multi_lora",
+    "MultiLoRALinear": "fastpeft.modules.multi_lora",
     # adapters
     "adapter": "fastpeft.ops.adapter",
     "AdapterFunction": "fastpeft.ops.adapter",

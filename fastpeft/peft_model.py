@@ -53,7 +53,8 @@ class _BaseModel(nn.Module):
 class PeftModel(nn.Module):
     """A model with one or more fastpeft adapters. Build it with :func:`get_peft_model` or
     :meth:`from_pretrained`; call it like the model it wraps (``adapter_names=[...]``: one adapter
-    per row, ``"__base__"`` for none)."""
+    per row, ``"__base__"`` for none; LoRA rows run fused in one ``multi_lora_linear`` per layer;
+    prefix / prompt tuning adapters give each sample its own prefixes or prompts)."""
 
     def __init__(self, model: nn.Module, config: _Config, adapter_name: str = "default", *, _loading: bool = False):
         super().__init__()
@@ -278,8 +279,37 @@ class PeftModel(nn.Module):
             return None
         return next((self._methods[n] for n in self._active if self._methods[n].is_prompt_learning), None)
 
+    def _row_prompts(self, adapter_names: Optional[Sequence[str]]) -> Optional[List[PeftMethod]]:
+        """For ``adapter_names`` naming prompt-learning adapters (one prefix / prompt set per sample,
+        the frozen model shared): the method of every row; None when the names are not prompt
+        adapters (the layers' mixed batch runs them)."""
+        if adapter_names is None:
+            return None
+        names = list(adapter_names)
+        prompt = [n for n in dict.fromkeys(names) if n in self._methods and self._methods[n].is_prompt_learning]
+        if not prompt:
+            return None
+        other = sorted({n for n in names if n not in prompt})
+        if other:
+            raise ValueError(f"adapter_names: a batch of prompt-learning adapters needs one for every sample; "
+                             f"{other} cannot be mixed with {prompt} (no per-row prompt for them)")
+        meths = [self._methods[n] for n in prompt]
+        kinds = {type(m) for m in meths}
+        if len(kinds) > 1 or not getattr(meths[0], "supports_row_prompts", False):
+            kinds = [type(self.peft_config[n]).__name__ for n in prompt]
+            raise ValueError(f"adapter_names: per-sample prompts need adapters of one method that supports them "
+                             f"(prefix tuning or prompt tuning), got {kinds}")
+        tokens = {self.peft_config[n].num_virtual_tokens for n in prompt}
+        if len(tokens) > 1:
+            raise ValueError(f"adapter_names: per-sample prompts need the same num_virtual_tokens, got "
+                             f"{ {n: self.peft_config[n].num_virtual_tokens for n in prompt} }")
+        return [self._methods[n] for n in names]
+
     def forward(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
         model = self.base_model.model
+        rows = self._row_prompts(adapter_names)
+        if rows is not None:  # one prompt-learning adapter per sample over the shared frozen model
+            return rows[0].wrap_forward(model, args, kwargs, rows=rows)
         with self._mixed_batch(adapter_names):
             meth = self._prompt_method()
             return model(*args, **kwargs) if meth is None else meth.wrap_forward(model, args, kwargs)
@@ -292,6 +322,9 @@ class PeftModel(nn.Module):
             raise AttributeError(f"{type(model).__name__} has no generate()")
         if args:
             kwargs["input_ids"] = args[0]
+        rows = self._row_prompts(adapter_names)
+        if rows is not None:
+            return rows[0].generate(model.generate, kwargs, rows=rows)
         with self._mixed_batch(adapter_names):
             meth = self._prompt_method()
             return model.generate(**kwargs) if meth is None else meth.generate(model.generate, kwargs)

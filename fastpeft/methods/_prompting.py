@@ -25,7 +25,8 @@ from torch import nn
 from fastpeft._dropout import dropout_with_seed, new_seed
 from fastpeft.methods.base import Journal, first_param, get_module
 
-__all__ = ["bind", "Feed", "embeds_forward", "cache_forward", "prompt_generate", "install_attention_prefix",
+__all__ = ["bind", "row_index", "Feed",
+           "embeds_forward", "cache_forward", "prompt_generate", "install_attention_prefix",
            "install_vpt_hooks", "uninstall", "input_embeddings"]
 
 
@@ -36,6 +37,17 @@ def bind(model: nn.Module, args: tuple, kwargs: dict) -> dict:
     names = [n for n, p in inspect.signature(model.forward).parameters.items()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return {**dict(zip(names, args)), **kwargs}
+
+
+def row_index(rows: list, batch: int, device) -> tuple:
+    """For per-sample adapters (``rows``: one method per sample): the distinct methods and, for each
+    of ``batch`` rows, the index of its method (``batch`` may be a multiple of ``len(rows)``:
+    ``generate`` expands each sample to its beams / returned sequences, consecutively)."""
+    uniq = list(dict.fromkeys(rows))
+    if batch % len(rows):
+        raise ValueError(f"adapter_names: expected one name per sample ({batch}), got {len(rows)}")
+    idx = torch.tensor([uniq.index(m) for m in rows], dtype=torch.long, device=device)
+    return uniq, idx.repeat_interleave(batch // len(rows))
 
 
 def input_embeddings(model: nn.Module) -> nn.Module:

@@ -5,6 +5,8 @@ How the prefixes reach the attention comes from the model-family table: fastpeft
 take them as ``prefix_kv`` (fused prefix attention, one prefix shared by the batch); HF ViT runs
 fastpeft's prefix attention in its attention modules; other HF models get them as PEFT does, a
 ``DynamicCache`` of ``past_key_values`` (``generate`` included, KV cache and all).
+With ``adapter_names=[...]`` naming prefix adapters, each sample gets its own adapter's prefixes
+(Bp = B in prefix attention, a per-sample cache for HF text models) over the one frozen model.
 """
 from __future__ import annotations
 
@@ -93,25 +95,54 @@ class PrefixTuningMethod(PeftMethod):
             feed.uninstall(self.model, self.feed)
         self.pm.prompt_encoder.pop(self.name)
 
-    def wrap_forward(self, call, args, kwargs):
+    #: ``adapter_names=[...]`` of prefix tuning adapters: each sample its own prefixes (Bp = B)
+    supports_row_prompts = True
+
+    def _layers(self, rows):
+        """``B -> per-layer (k, v)``: this adapter's prefixes expanded to B, or each sample's own
+        (``rows``: one method per sample), ``(B, Hkv, P, hd)`` each: Bp = B in prefix_attention."""
+        if rows is None:
+            return lambda B: self.encoder(batch_size=B)
+
+        def per_row(B):
+            uniq, idx = feed.row_index(rows, B, first_param(self.encoder).device)
+            per = [m.encoder() for m in uniq]  # each: per-layer (1, Hkv, P, hd)
+            return [tuple(torch.cat([p[i][j] for p in per]).index_select(0, idx) for j in (0, 1))
+                    for i in range(len(per[0]))]
+        return per_row
+
+    def _batch_size(self, args, kwargs) -> int:
+        kw = feed.bind(self.model, args, kwargs)
+        for key in ("input_ids", "inputs_embeds", "images", "pixel_values", "x"):
+            if kw.get(key) is not None:
+                return kw[key].shape[0]
+        first = next((v for v in kw.values() if isinstance(v, torch.Tensor)), None)
+        if first is None:
+            raise ValueError("adapter_names: found no batched input to give per-sample prefixes")
+        return first.shape[0]
+
+    def wrap_forward(self, call, args, kwargs, rows=None):
         dt = first_param(self.model).dtype
         kind = self.family.prefix
+        layers = self._layers(rows)
+        if kind in ("native", "attention"):
+            # Bp = 1 (one prefix shared by the batch, never expanded) or Bp = B (one per sample)
+            kv = self.encoder() if rows is None else layers(self._batch_size(args, kwargs))
         if kind == "native":
             kw = dict(kwargs)
-            kw["prefix_kv"] = [(k.to(dt), v.to(dt)) for k, v in self.encoder()]  # Bp = 1
+            kw["prefix_kv"] = [(k.to(dt), v.to(dt)) for k, v in kv]
             return call(*args, **kw)
         if kind == "attention":
-            self.feed.value = self.encoder()
+            self.feed.value = kv
             try:
                 return call(*args, **kwargs)
             finally:
                 self.feed.value = None
         kw = feed.bind(self.model, args, kwargs)
-        return feed.cache_forward(self.model, lambda B: self.encoder(batch_size=B), self.config.num_virtual_tokens,
-                                  call, kw)
+        return feed.cache_forward(self.model, layers, self.config.num_virtual_tokens, call, kw)
 
-    def generate(self, generate, kwargs):
+    def generate(self, generate, kwargs, rows=None):
         if self.family.prefix != "cache":
             raise ValueError(f"generate: prefix tuning on {self.family.name} models has no generation")
         return feed.prompt_generate(self.model, generate, dict(kwargs), self.config.num_virtual_tokens,
-                                    layers=lambda B: self.encoder(batch_size=B))
+                                    layers=self._layers(rows))

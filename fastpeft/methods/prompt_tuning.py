@@ -101,11 +101,25 @@ class PromptTuningMethod(PeftMethod):
     def delete(self) -> None:
         self.pm.prompt_encoder.pop(self.name)
 
-    def wrap_forward(self, call, args, kwargs):
-        kw = feed.bind(self.model, args, kwargs)
-        return feed.embeds_forward(self.model, self.encoder, self.config.num_virtual_tokens, self.config.task_type,
-                                   call, kw)
+    #: ``adapter_names=[...]`` of prompt tuning adapters: each sample its own prompts
+    supports_row_prompts = True
 
-    def generate(self, generate, kwargs):
+    def _prompts(self, rows):
+        """``B -> (B, P, D)`` prompts: this adapter's for every sample, or each sample's own
+        (``rows``: one method per sample; gradients reach each adapter from its samples only)."""
+        if rows is None:
+            return self.encoder
+
+        def per_row(B):
+            uniq, idx = feed.row_index(rows, B, self.encoder.embedding.weight.device)
+            return torch.stack([m.encoder() for m in uniq]).index_select(0, idx)
+        return per_row
+
+    def wrap_forward(self, call, args, kwargs, rows=None):
+        kw = feed.bind(self.model, args, kwargs)
+        return feed.embeds_forward(self.model, self._prompts(rows), self.config.num_virtual_tokens,
+                                   self.config.task_type, call, kw)
+
+    def generate(self, generate, kwargs, rows=None):
         return feed.prompt_generate(self.model, generate, dict(kwargs), self.config.num_virtual_tokens,
-                                    prompts=self.encoder)
+                                    prompts=self._prompts(rows))

@@ -5,7 +5,9 @@ multi-adapter bookkeeping (:class:`LoRALayer`) that ``LoRAEmbedding`` / ``LoRACo
 The layout mirrors HF PEFT's ``lora.Linear`` (``base_layer``, ``lora_A[name]``,
 ``lora_B[name]`` as bias-free ``nn.Linear``), so PEFT checkpoints map onto it key for key.
 Several adapters may be active at once (their updates add up, as in PEFT), and a mixed batch
-(``batch_adapters``, one adapter name per row) applies each row's own adapter.
+(``batch_adapters``, one adapter name per row) applies each row's own adapter: in one fused
+``multi_lora_linear`` call for ``LoRALinear`` (the frozen GEMM once for the whole batch), with a
+loop over the batch's adapters for the other layers.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from torch import nn
 from fastpeft.modules.tuner import TunerLayer
 from fastpeft.ops._common import autocast_dtype
 from fastpeft.ops.lora import lora_linear
+from fastpeft.ops.multi_lora import multi_lora_linear, stack_lora_weights
 
 __all__ = ["LoRALayer", "LoRALinear", "is_conv1d"]
 
@@ -153,10 +156,18 @@ class LoRALayer(TunerLayer):
         """Base + adapter in one fused op where the layer has one (else None)."""
         return None
 
+    def _mixed_fused(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """A mixed batch (``batch_adapters``) in one fused op where the layer has one (else None:
+        the per-adapter loop runs)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.batch_adapters is not None:
             if self.merged:
                 raise ValueError("adapter_names: cannot run a mixed batch while adapters are merged; unmerge() first")
+            y = self._mixed_fused(x)
+            if y is not None:
+                return y
             y = self._base(x)
             for name, rows in self._row_groups(x.shape[0]):
                 rows = rows.to(x.device)
@@ -325,6 +336,32 @@ class LoRALinear(LoRALayer):
             return None
         return lora_linear(x, self._weight(), self.base_layer.bias, A, self._B_full(name), self.scaling[name],
                            self.lora_dropout[name], training=self.training, backend=self.backend)
+
+    def _mixed_fused(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Every row through its own adapter with ``multi_lora_linear``: the frozen GEMM once for
+        the batch, the rank-r work grouped by adapter. The adapters of the batch are stacked
+        (zero-padded to the largest rank), so each one's gradient flows back to its own factors;
+        rows whose adapter this layer does not hold (or ``"__base__"``) run the base layer only."""
+        names = self.batch_adapters
+        if x.dim() < 2 or len(names) != x.shape[0]:
+            raise ValueError(f"adapter_names: expected one name per row ({x.shape[0] if x.dim() else 0}), "
+                             f"got {len(names)}")
+        wanted = set(names)
+        used = [n for n in self.adapter_names() if n in wanted]
+        if not used:
+            return self._base(x)
+        W = self._weight()
+        mixed = x.dtype != W.dtype or any(self.lora_A[n].weight.dtype != x.dtype for n in used)
+        if mixed and autocast_dtype(x.device) is None:
+            return None  # mixed dtypes outside autocast: the per-adapter loop casts per adapter (as PEFT)
+        drops = {self.lora_dropout[n] for n in used}
+        if self.training and len(drops) > 1:
+            return None  # one dropout rate per fused call
+        A, B = stack_lora_weights([self.lora_A[n].weight for n in used], [self._B_full(n) for n in used])
+        index = {n: i for i, n in enumerate(used)}
+        ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.long, device=x.device)
+        return multi_lora_linear(x, W, self.base_layer.bias, A, B, [self.scaling[n] for n in used], ids,
+                                 max(drops), training=self.training, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, " + super().extra_repr()

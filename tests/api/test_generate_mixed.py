@@ -126,8 +126,8 @@ def test_mixed_batch_on_reference_vit_and_adapters():
 def test_mixed_batch_refused_where_it_cannot_run():
     pm = fastpeft.get_peft_model(build("hf_llama"), fastpeft.PromptTuningConfig(num_virtual_tokens=2))
     kw = FAMILIES["hf_llama"][1]()
-    with pytest.raises(ValueError, match="adapter_names"):
-        pm(**kw, adapter_names=["default", "default"])
+    with pytest.raises(ValueError, match="adapter_names"):  # per-sample prompts: no "__base__" rows
+        pm(**kw, adapter_names=["default", "__base__"])
     pb = fastpeft.get_peft_model(build("hf_bert"), fastpeft.BitFitConfig())
     with pytest.raises(ValueError, match="BitFitConfig"):
         pb(**FAMILIES["hf_bert"][1](), adapter_names=["default", "__base__"])

@@ -175,6 +175,23 @@ def test_lora_and_adapter_grids_fit_cuda_limits(monkeypatch):
     _assert_launchable(grids, min_programs=M // 16)
 
 
+@needs_triton
+def test_multi_lora_grids_fit_cuda_limits(monkeypatch):
+    """Adapters x row blocks go on axis 0 (32 adapters x 65536 row blocks here)."""
+    import fastpeft.triton.multi_lora as kern
+
+    grids = []
+    _record(monkeypatch, kern, grids)
+    M, K, N, r, n = 1 << 20, 32, 16, 4, 32
+    x = torch.zeros(1, K, device=DEVICE).expand(M, K)
+    W, A, B = torch.zeros(N, K, device=DEVICE), torch.zeros(n, r, K, device=DEVICE), torch.zeros(n, N, r, device=DEVICE)
+    ids = torch.zeros(1, dtype=torch.long, device=DEVICE).expand(M)
+    y, t = kern.multi_lora_fwd_triton(x, W, None, A, B, [1.0] * n, ids, 0.0, None)
+    kern.multi_lora_bwd_triton(y, x, W, A, B, t, [1.0] * n, ids, 0.0, None, True, False, False)
+    assert {g for g, _ in grids} == {"_seg_matmul_kernel", "_seg_outer_kernel"}
+    _assert_launchable(grids, min_programs=n * M // 16)
+
+
 # --- 64-bit address arithmetic ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ir_report():

@@ -28,14 +28,17 @@ import triton.language as tl
 
 #: kernel modules to check
 MODULES = ["fastpeft.triton._common", "fastpeft.triton.lora", "fastpeft.triton.adapter",
-           "fastpeft.triton.prefix_attention"]
+           "fastpeft.triton.prefix_attention", "fastpeft.triton.multi_lora"]
 
 #: pointer arguments that are fp32 buffers (accumulators, lse); i8 for the mask kernel's output
-FP32_PTRS = {"db_ptr", "da_ptr", "lse_ptr", "delta_ptr", "dbd_ptr", "g_ptr", "dwd_ptr", "cs_ptr"}
+FP32_PTRS = {"db_ptr", "da_ptr", "lse_ptr", "delta_ptr", "dbd_ptr", "g_ptr", "dwd_ptr", "cs_ptr", "s_ptr"}
 I8_PTRS = {"out_ptr"}
+#: int64 index buffers (multi_lora's row order and segment offsets)
+I64_PTRS = {"order_ptr", "seg_ptr"}
 FLOAT_ARGS = {"scaling", "inv_keep", "qk_scale", "scale"}
 #: tile sizes (any valid powers of two) and the values of non-flag constexprs
-TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=32, BLOCK_B=32, BLOCK_D=64, GROUP_M=8, BLOCK=256)
+TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=32, BLOCK_B=32, BLOCK_D=64, GROUP_M=8, BLOCK=256,
+             BLOCK_I=32, BLOCK_O=64, BLOCK_P=64, BLOCK_Q=64)
 OTHER = dict(ACT=1, PREC="ieee")
 
 
@@ -77,7 +80,8 @@ def signature(fn, dtype: str, flags: bool):
             else:  # a feature flag: all on, or all off
                 consts[n] = flags
         elif n.endswith("_ptr"):
-            sig[n] = "*fp32" if n in FP32_PTRS else "*i8" if n in I8_PTRS else f"*{dtype}"
+            sig[n] = "*fp32" if n in FP32_PTRS else "*i8" if n in I8_PTRS else "*i64" if n in I64_PTRS \
+                else f"*{dtype}"
         elif n in FLOAT_ARGS:
             sig[n] = "fp32"
         else:
