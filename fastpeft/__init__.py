@@ -1,6 +1,6 @@
 """fastpeft: parameter-efficient fine-tuning as fast as the frozen model underneath it.
 
-Functional ops (``lora_linear``, ``adapter``, ``prefix_attention``), drop-in layers
+Functional ops (``lora_linear``, ``dora_linear``, ``adapter``, ``prefix_attention``), drop-in layers
 (``LoRALinear``, ``Adapter``, ...), a model-level API (``get_peft_model``, ...) and
 ``backends()`` / ``python -m fastpeft info`` to see which backends work here.
 
@@ -23,6 +23,9 @@ _LAZY = {
     "LoRALinear": "fastpeft.modules.lora",
     "LoRAEmbedding": "fastpeft.modules.lora_layers",
     "LoRAConv2d": "fastpeft.modules.lora_layers",
+    # DoRA (LoRALinear(use_dora=True) at the layer level)
+    "dora_linear": "fastpeft.ops.dora",
+    "DoRALinearFunction": "fastpeft.ops.dora",
     # adapters
     "adapter": "fastpeft.ops.adapter",
     "AdapterFunction": "fastpeft.ops.adapter",

@@ -30,7 +30,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 BACKENDS = ("triton", "cpu", "reference")
-FAMILIES = ("lora", "adapter", "prefix_attention")
+FAMILIES = ("lora", "dora", "adapter", "prefix_attention")
 
 
 @lru_cache(maxsize=None)
