@@ -404,8 +404,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_bwd(
   const Tensor dy = dy_in.contiguous(), t = t_in.contiguous();
   const Tensor g = (magnitude.to(norm.scalar_type()) / norm).to(st);
   const Tensor Bg = lora_B * g.unsqueeze(1);
-  const Tensor empty = at::empty({0}, x.options());
-  Tensor dx = empty, dW = empty, db = need_bias ? dy.sum(0) : empty, dA, dB, dm = empty;
+  // Separate empty tensors: outputs of a custom op may not alias each other.
+  auto empty = [&] { return at::empty({0}, x.options()); };
+  Tensor dx = empty(), dW = empty(), db = need_bias ? dy.sum(0) : empty(), dA, dB, dm = empty();
   if (!drop) {
     // LoRA backward on g⊙W, g⊙B: dx = dy·(g⊙W) + dt·A, dt = s·dy·(g⊙B), dB' = s·dyᵀ·t, dW' = dyᵀ·x.
     auto res = lora_bwd_op(dy, x, weight * g.unsqueeze(1), lora_A, Bg, t, scaling, need_x, need_weight, false);
