@@ -9,6 +9,7 @@ import sys
 #: --op name -> module exposing ``cases(device, dtype, quick) -> list[Case]``
 BENCH_OPS = {
     "lora": "fastpeft.bench.lora",
+    "dora": "fastpeft.bench.dora",
     "adapter": "fastpeft.bench.adapter",
     "prefix": "fastpeft.bench.prefix",
     "vpt": "fastpeft.bench.vpt",
