@@ -42,7 +42,7 @@ class LoraConfig(_Config):
     rank_pattern / alpha_pattern: ``{name regex: r / alpha}`` per module (PEFT's matching).
     fan_in_fan_out: read from the layer type (GPT-2 ``Conv1D``), as PEFT corrects it per layer.
     use_dora: DoRA (weight-decomposed LoRA, PEFT's conventions) on the Linear / Conv1D targets,
-        on the fused op ``fastpeft.dora_linear``; saved as PEFT saves it (``lora_magnitude_vector``).
+        on the fused op ``fastpeft.dora_linear``; saved as PEFT saves it (key ``<layer>.lora_magnitude_vector``).
     """
     peft_type = "LORA"
     r: int = 8
@@ -258,7 +258,7 @@ class LoraMethod(PeftMethod):
             out[f"{pre}{path}.{a}"] = A[self.name] if isinstance(m, LoRAEmbedding) else A[self.name].weight
             out[f"{pre}{path}.{b}"] = B[self.name] if isinstance(m, LoRAEmbedding) else B[self.name].weight
             if isinstance(m, LoRALinear) and self.name in m.lora_magnitude_vector:
-                out[f"{pre}{path}.lora_magnitude_vector.weight"] = m.lora_magnitude_vector[self.name].weight
+                out[f"{pre}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector[self.name].weight
             if self.config.bias == "lora_only" and getattr(m.base_layer, "bias", None) is not None:
                 out[f"{pre}{path}.base_layer.bias"] = m.base_layer.bias
         if self.config.bias == "all":
