@@ -49,6 +49,7 @@
 namespace {
 
 using at::Tensor;
+using namespace fastpeft::rk;
 
 bool is_half(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 Tensor f32(const Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
@@ -155,9 +156,11 @@ std::vector<fastpeft::Lib> libs_for(at::ScalarType st) {
   return out;
 }
 
-std::vector<std::string> lib_names(const std::vector<fastpeft::Lib>& libs) {
+// Forward configurations: the GEMM library; the forward always runs its GEMMs per row block
+// ("+blocked": drop(x) exists only as per-thread block scratch).
+std::vector<std::string> fwd_names(const std::vector<fastpeft::Lib>& libs) {
   std::vector<std::string> n;
-  for (auto l : libs) n.push_back(fastpeft::lib_name(l));
+  for (auto l : libs) n.push_back(std::string(fastpeft::lib_name(l)) + "+blocked");
   return n;
 }
 
@@ -183,8 +186,9 @@ std::tuple<Tensor, Tensor, Tensor> fwd_drop(const Tensor& x, const Tensor& W, co
   const uint32_t thr = dropout_threshold(p);
   const T dscale = static_cast<T>(1.0 / (1.0 - p));
   const Tensor Wt = W.t();
-  const Tensor Ac = A.contiguous(), BgT = Bg.t().contiguous(), gc = gm1.contiguous();
+  const Tensor Ac = A.contiguous(), ATc = A.t().contiguous(), BgT = Bg.t().contiguous(), gc = gm1.contiguous();
   const Tensor bc = has(bias) ? bias->contiguous() : Tensor();
+  const int vb = rank_vb<T>(r);
   const int64_t gb = block_rows(M), nblk = (M + gb - 1) / gb;
   const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(nblk, at::get_num_threads()));
   const T* xp = x.data_ptr<T>();
@@ -198,7 +202,11 @@ std::tuple<Tensor, Tensor, Tensor> fwd_drop(const Tensor& x, const Tensor& W, co
         drop_rows<T>(sd, thr, dscale, o0, rows, K, xp + o0 * sx0, sx0, sx1, xd.data_ptr<T>(), nullptr);
         const Tensor xdb = xd.narrow(0, 0, rows);
         T* tb = t.data_ptr<T>() + o0 * r;
-        fastpeft::blas::mm_abT<T>(rows, r, K, T(1), xd.data_ptr<T>(), K, Ac.data_ptr<T>(), K, T(0), tb, r);
+        if (vb) {  // t = xd·Aᵀ on the register-blocked rank kernels (r of whole vectors)
+          FASTPEFT_RANK_SWITCH(T, vb, r, rowvec<T, VB, NV>(rows, K, xd.data_ptr<T>(), K, ATc.data_ptr<T>(), T(1), tb, r));
+        } else {
+          fastpeft::blas::mm_abT<T>(rows, r, K, T(1), xd.data_ptr<T>(), K, Ac.data_ptr<T>(), K, T(0), tb, r);
+        }
         fastpeft::gemm(xdb, Wt, v.narrow(0, o0, rows), 0.0, 1.0, lib);               // v = xd·Wᵀ
         fastpeft::gemm(x.narrow(0, o0, rows), Wt, y.narrow(0, o0, rows), 0.0, 1.0, lib);  // y = x·Wᵀ
         // y += b + (g-1)⊙v, then y += s·t·(g⊙B)ᵀ (one BLAS call, beta = 1)
@@ -217,7 +225,11 @@ std::tuple<Tensor, Tensor, Tensor> fwd_drop(const Tensor& x, const Tensor& W, co
             for (int64_t j = 0; j < N; ++j) yr[j] += g1[j] * vr[j];
           }
         }
-        fastpeft::blas::mm_ab<T>(rows, N, r, static_cast<T>(s), tb, r, BgT.data_ptr<T>(), N, T(1), yb, N);
+        if (r <= kOuterMaxRank) {
+          outer<T, kOuterVB>(rows, N, r, tb, r, static_cast<T>(s), BgT.data_ptr<T>(), N, nullptr, yb, N, yb, N);
+        } else {
+          fastpeft::blas::mm_ab<T>(rows, N, r, static_cast<T>(s), tb, r, BgT.data_ptr<T>(), N, T(1), yb, N);
+        }
       }
     }
   });
@@ -225,24 +237,48 @@ std::tuple<Tensor, Tensor, Tensor> fwd_drop(const Tensor& x, const Tensor& W, co
 }
 
 // ---- dropout backward: one pass over row blocks ------------------------------------------------
-// Returns dx (or empty), dA (r×K), s·dyᵀ·t (N×r), colsum(dy⊙v) (N).
+// dx = dy·W + mask/(1-p) ⊙ (dy·((g-1)⊙W) + dt·A): (dy⊙(g-1))·W is written as dy times the row-scaled
+// copy (g-1)⊙W (N×K), so no M×N temporary exists. Where the two big GEMMs run is a run-time
+// choice (tune.h), as in the LoRA kernels: per row block inside the pass ("blocked", single-threaded
+// GEMMs on the block while it is in cache), or as multi-threaded GEMMs before (dy·((g-1)⊙W)) and
+// after (+= dy·W) the pass. Returns dx (or empty), dA (r×K), s·dyᵀ·t (N×r), colsum(dy⊙v) (N).
+// The rank-r products run on the register-blocked kernels of rank_kernels.h where r fills whole
+// vectors, else on BLAS.
+struct BwdCfg {
+  fastpeft::Lib lib;
+  bool blocked;
+  std::string name() const { return std::string(fastpeft::lib_name(lib)) + (blocked ? "+blocked" : ""); }
+};
+
+std::vector<BwdCfg> bwd_candidates(at::ScalarType st) {
+  std::vector<BwdCfg> out;
+  for (auto lib : libs_for(st))
+    for (bool blocked : {false, true}) out.push_back({lib, blocked});
+  return out;
+}
+
 template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_drop(const Tensor& dy, const Tensor& x, const Tensor& W,
                                                     const Tensor& A, const Tensor& Bg, const Tensor& gm1,
                                                     const Tensor& t, const Tensor& v, double s, double p, uint32_t sd,
-                                                    bool need_x, bool need_mag, fastpeft::Lib lib) {
+                                                    bool need_x, bool need_mag, const BwdCfg& cfg) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t M = x.size(0), K = x.size(1), N = W.size(0), r = A.size(0);
   const auto opts = x.options();
   Tensor dx = need_x ? at::empty({M, K}, opts) : at::empty({0}, opts);
   const int64_t gb = block_rows(std::max<int64_t>(M, 1)), nblk = (M + gb - 1) / gb;
   const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(nblk, at::get_num_threads()));
-  Tensor dA_part = at::zeros({nch, r, K}, opts), dtB_part = at::zeros({nch, N, r}, opts);
+  // dAᵀ (K×r) is accumulated, so both rank reductions have the acct form.
+  Tensor dA_part = at::zeros({nch, K, r}, opts), dtB_part = at::zeros({nch, N, r}, opts);
   Tensor dmv_part = at::zeros({nch, N}, opts);
+  const bool blocked = cfg.blocked;
+  const Tensor Wg1 = need_x ? (W * gm1.unsqueeze(1)) : Tensor();  // (g-1)⊙W, N×K
+  if (need_x && !blocked && M > 0) fastpeft::gemm(dy, Wg1, dx, 0.0, 1.0, cfg.lib);  // dx = dy·((g-1)⊙W)
   if (M > 0) {
     const uint32_t thr = dropout_threshold(p);
     const T dscale = static_cast<T>(1.0 / (1.0 - p));
-    const Tensor Ac = A.contiguous(), Bgc = Bg.contiguous(), gc = gm1.contiguous();
+    const Tensor Ac = A.contiguous(), Bgc = Bg.contiguous();
+    const int vb = rank_vb<T>(r);
     const T* xp = x.data_ptr<T>();
     const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
     const T* dyp = dy.data_ptr<T>();
@@ -251,7 +287,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_drop(const Tensor& dy, const Tens
     at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       Tensor xd = at::empty({gb, K}, opts);
-      Tensor dyg = need_x ? at::empty({gb, N}, opts) : Tensor();
       Tensor dt = at::empty({gb, r}, opts);
       std::vector<uint8_t> keep(need_x ? static_cast<size_t>(gb * K) : 0);
       for (int64_t c = c0; c < c1; ++c) {
@@ -264,10 +299,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_drop(const Tensor& dy, const Tens
           drop_rows<T>(sd, thr, dscale, o0, rows, K, xp + o0 * sx0, sx0, sx1, xd.data_ptr<T>(),
                        need_x ? keep.data() : nullptr);
           T* dtp = dt.data_ptr<T>();
-          fastpeft::blas::mm_ab<T>(rows, r, N, static_cast<T>(s), dyb, N, Bgc.data_ptr<T>(), r, T(0), dtp, r);
-          fastpeft::blas::mm_aTb<T>(N, r, rows, static_cast<T>(s), dyb, N, tp + o0 * r, r, T(1), dtBp, r);
-          fastpeft::blas::mm_aTb<T>(r, K, rows, T(1), dtp, r, xd.data_ptr<T>(), K, T(1), dAp, K);
-          if (vp) {
+          const T* tb = tp + o0 * r;
+          if (vb) {
+            FASTPEFT_RANK_SWITCH(T, vb, r, {
+              rowvec<T, VB, NV>(rows, N, dyb, N, Bgc.data_ptr<T>(), static_cast<T>(s), dtp, r);  // dt = s·dy·(g⊙B)
+              acct<T, VB, NV>(rows, N, dyb, N, tb, dtBp);                                        // dyᵀ·t
+              acct<T, VB, NV>(rows, K, xd.data_ptr<T>(), K, dtp, dAp);                           // dAᵀ += xdᵀ·dt
+            });
+          } else {
+            fastpeft::blas::mm_ab<T>(rows, r, N, static_cast<T>(s), dyb, N, Bgc.data_ptr<T>(), r, T(0), dtp, r);
+            acct_blas<T>(rows, N, r, dyb, N, tb, dtBp);
+            acct_blas<T>(rows, K, r, xd.data_ptr<T>(), K, dtp, dAp);
+          }
+          if (vp) {  // the magnitude's Σ_rows dy⊙v
             for (int64_t i = 0; i < rows; ++i) {
               const T* a = dyb + i * N;
               const T* b = vp + (o0 + i) * N;
@@ -276,29 +320,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_drop(const Tensor& dy, const Tens
             }
           }
           if (need_x) {
-            // dx_blk = mask/(1-p) ⊙ ((dy⊙(g-1))·W + dt·A), then += dy·W
-            T* dgp = dyg.data_ptr<T>();
-            const T* g1 = gc.data_ptr<T>();
-            for (int64_t i = 0; i < rows; ++i) {
-#pragma omp simd
-              for (int64_t j = 0; j < N; ++j) dgp[i * N + j] = dyb[i * N + j] * g1[j];
-            }
             Tensor dxb = dx.narrow(0, o0, rows);
-            fastpeft::gemm(dyg.narrow(0, 0, rows), W, dxb, 0.0, 1.0, lib);
+            if (blocked) fastpeft::gemm(dy.narrow(0, o0, rows), Wg1, dxb, 0.0, 1.0, cfg.lib);
             T* dxp = dxb.data_ptr<T>();
-            fastpeft::blas::mm_ab<T>(rows, K, r, T(1), dtp, r, Ac.data_ptr<T>(), K, T(1), dxp, K);
+            // dx_blk = (dy·((g-1)⊙W) + dt·A) ⊙ mask/(1-p)
+            if (r <= kOuterMaxRank) {
+              outer<T, kOuterVB>(rows, K, r, dtp, r, T(1), Ac.data_ptr<T>(), K, nullptr, dxp, K, dxp, K);
+            } else {
+              fastpeft::blas::mm_ab<T>(rows, K, r, T(1), dtp, r, Ac.data_ptr<T>(), K, T(1), dxp, K);
+            }
             const uint8_t* kp = keep.data();
             const int64_t n = rows * K;
 #pragma omp simd
             for (int64_t j = 0; j < n; ++j) dxp[j] = dxp[j] * (kp[j] ? dscale : T(0));
-            fastpeft::gemm(dy.narrow(0, o0, rows), W, dxb, 1.0, 1.0, lib);
+            if (blocked) fastpeft::gemm(dy.narrow(0, o0, rows), W, dxb, 1.0, 1.0, cfg.lib);  // += dy·W
           }
         }
       }
     });
   }
-  Tensor dA = nch == 1 ? dA_part[0] : dA_part.sum(0);
-  Tensor dtB = nch == 1 ? dtB_part[0] : dtB_part.sum(0);
+  if (need_x && !blocked && M > 0) fastpeft::gemm(dy, W, dx, 1.0, 1.0, cfg.lib);  // dx += dy·W
+  Tensor dA = (nch == 1 ? dA_part[0] : dA_part.sum(0)).t().contiguous();
+  Tensor dtB = (nch == 1 ? dtB_part[0] : dtB_part.sum(0)) * s;  // s·dyᵀ·t
   Tensor dmv = nch == 1 ? dmv_part[0] : dmv_part.sum(0);
   return {dx, dA, dtB, dmv};
 }
@@ -371,7 +414,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_fwd(const Tensor& x, const Tenso
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dora_fwd", [&] {
     const auto libs = libs_for(x.scalar_type());
     auto run = [&](int i) { return fwd_drop<scalar_t>(x, weight, bias, lora_A, Bg, gm1, scaling, dropout_p, sd, libs[i]); };
-    const int pick = fastpeft::tuned_choice(key_of("dora_fwd drop", x, M, K, N, r, libs), lib_names(libs),
+    const int pick = fastpeft::tuned_choice(key_of("dora_fwd drop", x, M, K, N, r, libs), fwd_names(libs),
                                             2.0 * M * K * N, [&](int i) { run(i); });
     auto [y, t, v] = run(pick);
     out = {y, t, norm, v};
@@ -434,13 +477,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_bwd(
   const Tensor v = need_mag ? yv_in.contiguous() : yv_in;
   AT_DISPATCH_FLOATING_TYPES(st, "dora_bwd", [&] {
     const auto libs = libs_for(st);
+    const auto cands = bwd_candidates(st);
+    std::vector<std::string> names;
+    for (const auto& c : cands) names.push_back(c.name());
     auto run = [&](int i) {
       return bwd_drop<scalar_t>(dy, x, weight, lora_A, Bg, gm1, t, v, scaling, dropout_p, sd, need_x, need_mag,
-                                libs[i]);
+                                cands[i]);
     };
     const int pick = fastpeft::tuned_choice(
         key_of("dora_bwd drop", x, M, K, N, r, libs) + (need_x ? " dx" : "") + (need_mag ? " dm" : ""),
-        lib_names(libs), need_x ? 2.0 * M * K * N : 0.0, [&](int i) { run(i); });
+        names, need_x ? 2.0 * M * K * N : 0.0, [&](int i) { run(i); });
     auto [dx_, dA_, dtB, dmv] = run(pick);
     dx = dx_;
     dA = dA_;

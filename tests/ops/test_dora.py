@@ -262,13 +262,30 @@ def test_bad_inputs_raise(bad, match):
         fastpeft.dora_linear(**args)
 
 
-@pytest.mark.parametrize("config", ["aten", "onednn"])
-def test_cpu_gemm_libraries(monkeypatch, config):
-    """The dropout pass on each GEMM library it can choose (csrc/dora_cpu.cpp, tuned by tune.h)."""
+@pytest.mark.parametrize("lib", ["aten", "onednn"])
+@pytest.mark.parametrize("blocked", [True, False], ids=["blocked", "after-pass"])
+def test_cpu_configs_with_dropout(monkeypatch, lib, blocked):
+    """Every configuration of the C++ dropout pass (csrc/dora_cpu.cpp, chosen by tune.h), forced by
+    name: the forward runs its GEMMs per row block ("<lib>+blocked"); the backward per row block or
+    as multi-threaded GEMMs around the pass ("<lib>")."""
     if not _cpp_ok():
         pytest.skip("C++ backend not built")
-    if config == "onednn" and "onednn ok" not in torch.ops.fastpeft_cpu.gemm_libs()[0]:
+    if lib == "onednn" and "onednn ok" not in torch.ops.fastpeft_cpu.gemm_libs()[0]:
         pytest.skip("oneDNN cannot run here")
-    monkeypatch.setenv("FASTPEFT_CPU_CONFIG", config)
-    check("cpu", 600, 129, 1100, 16, torch.float32, p=0.2)
-    check("cpu", 97, 129, 65, 7, torch.float32, p=0.2, noncontig=True, train_weight=True)
+    for M, N, kw in ((600, 1100, {}), (97, 65, dict(noncontig=True, train_weight=True))):
+        ts = make(M, 129, N, 16 if M == 600 else 7, torch.float32, "cpu", **kw)
+        monkeypatch.setenv("FASTPEFT_CPU_CONFIG", f"{lib}+blocked")
+        torch.manual_seed(1)
+        y = fastpeft.dora_linear(*ts, 0.5, dropout_p=0.2, training=True, backend="cpu")
+        torch.manual_seed(1)
+        seed = _dropout.new_seed(True)
+        ref_in = upcast(ts)
+        y_ref = dora_linear_reference(*ref_in, 0.5, 0.2, seed)
+        assert_close(y, y_ref, torch.float32, "y")
+        monkeypatch.setenv("FASTPEFT_CPU_CONFIG", f"{lib}+blocked" if blocked else lib)
+        dy = torch.randn(y.shape, dtype=torch.float64)
+        y.backward(dy.float())
+        y_ref.backward(dy)
+        for name, t, t_ref in zip(NAMES, ts, ref_in):
+            if t is not None and t.requires_grad:
+                assert_close(t.grad, t_ref.grad, torch.float32, f"d{name}")
