@@ -16,6 +16,7 @@ from fastpeft.testing import assert_close
 from ._models import build, run
 
 TARGETS = ["query", "value", "dense"]
+FAMILY_TARGETS = {"hf_bert": TARGETS, "minilm": TARGETS, "hf_gpt2": ["c_attn", "c_fc"]}  # GPT-2: Conv1D
 
 
 def _minilm():
@@ -49,12 +50,12 @@ def _grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["hf_bert", "minilm"])
+@pytest.mark.parametrize("family", ["hf_bert", "minilm", "hf_gpt2"])
 def test_peft_dora_checkpoint_loads_with_equal_outputs_and_grads(family, tmp_path):
     base = _base(family)
     torch.manual_seed(5)
-    hp = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
-                                                                  use_dora=True, init_lora_weights=False))
+    hp = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=FAMILY_TARGETS[family], use_dora=True, init_lora_weights=False))
     _perturb_magnitudes(hp)
     hp.save_pretrained(str(tmp_path))
     keys = load_file(str(tmp_path / "adapter_model.safetensors"))
@@ -73,12 +74,12 @@ def test_peft_dora_checkpoint_loads_with_equal_outputs_and_grads(family, tmp_pat
         assert_close(g_f[k], g_h[k], torch.float32, k, scale=4.0)
 
 
-@pytest.mark.parametrize("family", ["hf_bert", "minilm"])
+@pytest.mark.parametrize("family", ["hf_bert", "minilm", "hf_gpt2"])
 def test_fastpeft_dora_save_loads_into_peft(family, tmp_path):
     base = _base(family)
     torch.manual_seed(3)
     fp = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, init_lora_weights=False))
+        r=4, lora_alpha=8, target_modules=FAMILY_TARGETS[family], use_dora=True, init_lora_weights=False))
     _perturb_magnitudes(fp)
     fp.eval()
     out = _run(family, fp)
