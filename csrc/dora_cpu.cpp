@@ -35,6 +35,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -110,6 +111,16 @@ int64_t block_rows(int64_t M) {
   const int64_t nob = std::max<int64_t>(1, M / 256 / nth) * nth;
   return std::max<int64_t>(1, (M + nob - 1) / nob);
 }
+
+// Rows of a rank-pass sub-block: its x / dy rows (width elements each) should stay in L2 (~256 KiB).
+// FASTPEFT_LORA_BR overrides (tests use tiny sub-blocks to cover the tails).
+int64_t sub_rows(int64_t width, int64_t elem) {
+  if (const char* e = std::getenv("FASTPEFT_LORA_BR")) return std::max<int64_t>(1, std::atoll(e));
+  return std::min<int64_t>(256, std::max<int64_t>(8, 256 * 1024 / std::max<int64_t>(1, width * elem)));
+}
+
+// Columns of y per tile of the forward's GEMMs and epilogue (the tile stays in L2).
+constexpr int64_t kColTile = 512;
 
 #ifdef __AVX512F__
 #pragma GCC push_options
@@ -190,6 +201,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_drop(const Tensor& x, const Tensor& W, co
   const Tensor bc = has(bias) ? bias->contiguous() : Tensor();
   const int vb = rank_vb<T>(r);
   const int64_t gb = block_rows(M), nblk = (M + gb - 1) / gb;
+  const int64_t br = sub_rows(std::max(K, N), sizeof(T));
   const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(nblk, at::get_num_threads()));
   const T* xp = x.data_ptr<T>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
@@ -199,36 +211,46 @@ std::tuple<Tensor, Tensor, Tensor> fwd_drop(const Tensor& x, const Tensor& W, co
     for (int64_t c = c0; c < c1; ++c) {
       for (int64_t ob = nblk * c / nch; ob < nblk * (c + 1) / nch; ++ob) {
         const int64_t o0 = ob * gb, rows = std::min(gb, M - o0);
-        drop_rows<T>(sd, thr, dscale, o0, rows, K, xp + o0 * sx0, sx0, sx1, xd.data_ptr<T>(), nullptr);
-        const Tensor xdb = xd.narrow(0, 0, rows);
-        T* tb = t.data_ptr<T>() + o0 * r;
-        if (vb) {  // t = xd·Aᵀ on the register-blocked rank kernels (r of whole vectors)
-          FASTPEFT_RANK_SWITCH(T, vb, r, rowvec<T, VB, NV>(rows, K, xd.data_ptr<T>(), K, ATc.data_ptr<T>(), T(1), tb, r));
-        } else {
-          fastpeft::blas::mm_abT<T>(rows, r, K, T(1), xd.data_ptr<T>(), K, Ac.data_ptr<T>(), K, T(0), tb, r);
-        }
-        fastpeft::gemm(xdb, Wt, v.narrow(0, o0, rows), 0.0, 1.0, lib);               // v = xd·Wᵀ
-        fastpeft::gemm(x.narrow(0, o0, rows), Wt, y.narrow(0, o0, rows), 0.0, 1.0, lib);  // y = x·Wᵀ
-        // y += b + (g-1)⊙v, then y += s·t·(g⊙B)ᵀ (one BLAS call, beta = 1)
-        T* yb = y.data_ptr<T>() + o0 * N;
-        const T* vb = v.data_ptr<T>() + o0 * N;
-        const T* g1 = gc.data_ptr<T>();
-        const T* bp = bc.defined() ? bc.data_ptr<T>() : nullptr;
-        for (int64_t i = 0; i < rows; ++i) {
-          T* yr = yb + i * N;
-          const T* vr = vb + i * N;
-          if (bp) {
-#pragma omp simd
-            for (int64_t j = 0; j < N; ++j) yr[j] += bp[j] + g1[j] * vr[j];
+        // xd and t sub-block by sub-block (the hashed rows still in L1/L2 for the rank product)
+        for (int64_t i0 = 0; i0 < rows; i0 += br) {
+          const int64_t sr = std::min(br, rows - i0);
+          T* xs = xd.data_ptr<T>() + i0 * K;
+          drop_rows<T>(sd, thr, dscale, o0 + i0, sr, K, xp + (o0 + i0) * sx0, sx0, sx1, xs, nullptr);
+          T* tb = t.data_ptr<T>() + (o0 + i0) * r;
+          if (vb) {  // t = xd·Aᵀ on the register-blocked rank kernels (r of whole vectors)
+            FASTPEFT_RANK_SWITCH(T, vb, r, rowvec<T, VB, NV>(sr, K, xs, K, ATc.data_ptr<T>(), T(1), tb, r));
           } else {
-#pragma omp simd
-            for (int64_t j = 0; j < N; ++j) yr[j] += g1[j] * vr[j];
+            fastpeft::blas::mm_abT<T>(sr, r, K, T(1), xs, K, Ac.data_ptr<T>(), K, T(0), tb, r);
           }
         }
-        if (r <= kOuterMaxRank) {
-          outer<T, kOuterVB>(rows, N, r, tb, r, static_cast<T>(s), BgT.data_ptr<T>(), N, nullptr, yb, N, yb, N);
-        } else {
-          fastpeft::blas::mm_ab<T>(rows, N, r, static_cast<T>(s), tb, r, BgT.data_ptr<T>(), N, T(1), yb, N);
+        const Tensor xdb = xd.narrow(0, 0, rows), xb = x.narrow(0, o0, rows);
+        const T* tb = t.data_ptr<T>() + o0 * r;
+        const T* g1 = gc.data_ptr<T>();
+        const T* bp = bc.defined() ? bc.data_ptr<T>() : nullptr;
+        // per column tile (in L2): v = xd·Wᵀ, y = x·Wᵀ, then y += b + (g-1)⊙v + s·t·(g⊙B)ᵀ
+        for (int64_t j0 = 0; j0 < N; j0 += kColTile) {
+          const int64_t cols = std::min<int64_t>(kColTile, N - j0);
+          fastpeft::gemm(xdb, Wt.narrow(1, j0, cols), v.narrow(0, o0, rows).narrow(1, j0, cols), 0.0, 1.0, lib);
+          fastpeft::gemm(xb, Wt.narrow(1, j0, cols), y.narrow(0, o0, rows).narrow(1, j0, cols), 0.0, 1.0, lib);
+          T* yb = y.data_ptr<T>() + o0 * N + j0;
+          const T* vr0 = v.data_ptr<T>() + o0 * N + j0;
+          for (int64_t i = 0; i < rows; ++i) {
+            T* yr = yb + i * N;
+            const T* vr = vr0 + i * N;
+            if (bp) {
+#pragma omp simd
+              for (int64_t j = 0; j < cols; ++j) yr[j] += bp[j0 + j] + g1[j0 + j] * vr[j];
+            } else {
+#pragma omp simd
+              for (int64_t j = 0; j < cols; ++j) yr[j] += g1[j0 + j] * vr[j];
+            }
+          }
+          if (r <= kOuterMaxRank) {
+            outer<T, kOuterVB>(rows, cols, r, tb, r, static_cast<T>(s), BgT.data_ptr<T>() + j0, N, nullptr, yb, N,
+                               yb, N);
+          } else {
+            fastpeft::blas::mm_ab<T>(rows, cols, r, static_cast<T>(s), tb, r, BgT.data_ptr<T>() + j0, N, T(1), yb, N);
+          }
         }
       }
     }
@@ -284,57 +306,62 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_drop(const Tensor& dy, const Tens
     const T* dyp = dy.data_ptr<T>();
     const T* tp = t.data_ptr<T>();
     const T* vp = need_mag ? v.data_ptr<T>() : nullptr;
+    const int64_t br = std::min(gb, sub_rows(std::max(K, N), sizeof(T)));
     at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      Tensor xd = at::empty({gb, K}, opts);
-      Tensor dt = at::empty({gb, r}, opts);
-      std::vector<uint8_t> keep(need_x ? static_cast<size_t>(gb * K) : 0);
+      Tensor xd = at::empty({br, K}, opts);
+      Tensor dt = at::empty({br, r}, opts);
+      std::vector<uint8_t> keep(need_x ? static_cast<size_t>(br * K) : 0);
       for (int64_t c = c0; c < c1; ++c) {
         T* dAp = dA_part[c].data_ptr<T>();
         T* dtBp = dtB_part[c].data_ptr<T>();
         T* dmp = dmv_part[c].data_ptr<T>();
         for (int64_t ob = nblk * c / nch; ob < nblk * (c + 1) / nch; ++ob) {
           const int64_t o0 = ob * gb, rows = std::min(gb, M - o0);
-          const T* dyb = dyp + o0 * N;
-          drop_rows<T>(sd, thr, dscale, o0, rows, K, xp + o0 * sx0, sx0, sx1, xd.data_ptr<T>(),
-                       need_x ? keep.data() : nullptr);
-          T* dtp = dt.data_ptr<T>();
-          const T* tb = tp + o0 * r;
-          if (vb) {
-            FASTPEFT_RANK_SWITCH(T, vb, r, {
-              rowvec<T, VB, NV>(rows, N, dyb, N, Bgc.data_ptr<T>(), static_cast<T>(s), dtp, r);  // dt = s·dy·(g⊙B)
-              acct<T, VB, NV>(rows, N, dyb, N, tb, dtBp);                                        // dyᵀ·t
-              acct<T, VB, NV>(rows, K, xd.data_ptr<T>(), K, dtp, dAp);                           // dAᵀ += xdᵀ·dt
-            });
-          } else {
-            fastpeft::blas::mm_ab<T>(rows, r, N, static_cast<T>(s), dyb, N, Bgc.data_ptr<T>(), r, T(0), dtp, r);
-            acct_blas<T>(rows, N, r, dyb, N, tb, dtBp);
-            acct_blas<T>(rows, K, r, xd.data_ptr<T>(), K, dtp, dAp);
-          }
-          if (vp) {  // the magnitude's Σ_rows dy⊙v
-            for (int64_t i = 0; i < rows; ++i) {
-              const T* a = dyb + i * N;
-              const T* b = vp + (o0 + i) * N;
-#pragma omp simd
-              for (int64_t j = 0; j < N; ++j) dmp[j] += a[j] * b[j];
-            }
-          }
-          if (need_x) {
-            Tensor dxb = dx.narrow(0, o0, rows);
-            if (blocked) fastpeft::gemm(dy.narrow(0, o0, rows), Wg1, dxb, 0.0, 1.0, cfg.lib);
-            T* dxp = dxb.data_ptr<T>();
-            // dx_blk = (dy·((g-1)⊙W) + dt·A) ⊙ mask/(1-p)
-            if (r <= kOuterMaxRank) {
-              outer<T, kOuterVB>(rows, K, r, dtp, r, T(1), Ac.data_ptr<T>(), K, nullptr, dxp, K, dxp, K);
+          Tensor dxb = need_x ? dx.narrow(0, o0, rows) : Tensor();
+          if (need_x && blocked) fastpeft::gemm(dy.narrow(0, o0, rows), Wg1, dxb, 0.0, 1.0, cfg.lib);
+          // rank pass sub-block by sub-block: the dy rows stay in L2 for its three reads
+          for (int64_t i0 = o0; i0 < o0 + rows; i0 += br) {
+            const int64_t sr = std::min(br, o0 + rows - i0);
+            const T* dyb = dyp + i0 * N;
+            drop_rows<T>(sd, thr, dscale, i0, sr, K, xp + i0 * sx0, sx0, sx1, xd.data_ptr<T>(),
+                         need_x ? keep.data() : nullptr);
+            T* dtp = dt.data_ptr<T>();
+            const T* tb = tp + i0 * r;
+            if (vb) {
+              FASTPEFT_RANK_SWITCH(T, vb, r, {
+                rowvec<T, VB, NV>(sr, N, dyb, N, Bgc.data_ptr<T>(), static_cast<T>(s), dtp, r);  // dt = s·dy·(g⊙B)
+                acct<T, VB, NV>(sr, N, dyb, N, tb, dtBp);                                        // dyᵀ·t
+                acct<T, VB, NV>(sr, K, xd.data_ptr<T>(), K, dtp, dAp);                           // dAᵀ += xdᵀ·dt
+              });
             } else {
-              fastpeft::blas::mm_ab<T>(rows, K, r, T(1), dtp, r, Ac.data_ptr<T>(), K, T(1), dxp, K);
+              fastpeft::blas::mm_ab<T>(sr, r, N, static_cast<T>(s), dyb, N, Bgc.data_ptr<T>(), r, T(0), dtp, r);
+              acct_blas<T>(sr, N, r, dyb, N, tb, dtBp);
+              acct_blas<T>(sr, K, r, xd.data_ptr<T>(), K, dtp, dAp);
             }
-            const uint8_t* kp = keep.data();
-            const int64_t n = rows * K;
+            if (vp) {  // the magnitude's Σ_rows dy⊙v
+              for (int64_t i = 0; i < sr; ++i) {
+                const T* a = dyb + i * N;
+                const T* b = vp + (i0 + i) * N;
 #pragma omp simd
-            for (int64_t j = 0; j < n; ++j) dxp[j] = dxp[j] * (kp[j] ? dscale : T(0));
-            if (blocked) fastpeft::gemm(dy.narrow(0, o0, rows), W, dxb, 1.0, 1.0, cfg.lib);  // += dy·W
+                for (int64_t j = 0; j < N; ++j) dmp[j] += a[j] * b[j];
+              }
+            }
+            if (need_x) {
+              // dx_sub = (dy·((g-1)⊙W) + dt·A) ⊙ mask/(1-p)
+              T* dxp = dx.data_ptr<T>() + i0 * K;
+              if (r <= kOuterMaxRank) {
+                outer<T, kOuterVB>(sr, K, r, dtp, r, T(1), Ac.data_ptr<T>(), K, nullptr, dxp, K, dxp, K);
+              } else {
+                fastpeft::blas::mm_ab<T>(sr, K, r, T(1), dtp, r, Ac.data_ptr<T>(), K, T(1), dxp, K);
+              }
+              const uint8_t* kp = keep.data();
+              const int64_t n = sr * K;
+#pragma omp simd
+              for (int64_t j = 0; j < n; ++j) dxp[j] = dxp[j] * (kp[j] ? dscale : T(0));
+            }
           }
+          if (need_x && blocked) fastpeft::gemm(dy.narrow(0, o0, rows), W, dxb, 1.0, 1.0, cfg.lib);  // += dy·W
         }
       }
     });
