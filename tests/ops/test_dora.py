@@ -290,3 +290,21 @@ def test_cpu_configs_with_dropout(monkeypatch, lib, blocked):
         for name, t, t_ref in zip(NAMES, ts, ref_in):
             if t is not None and t.requires_grad:
                 assert_close(t.grad, t_ref.grad, torch.float32, f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p", [0.0, 0.2], ids=lambda p: f"p{p}")
+def test_empty_batch(backend, p):
+    """M = 0 rows: empty output, zero gradients for the factors and the magnitude."""
+    device = device_for(backend)
+    x = torch.randn(0, 8, device=device, requires_grad=True)
+    W, b = torch.randn(6, 8, device=device), torch.randn(6, device=device)
+    A = torch.randn(2, 8, device=device, requires_grad=True)
+    B = torch.randn(6, 2, device=device, requires_grad=True)
+    m = (torch.rand(6, device=device) + 0.5).requires_grad_()
+    y = fastpeft.dora_linear(x, W, b, A, B, m, 1.0, p, training=True, backend=backend)
+    assert y.shape == (0, 6)
+    y.sum().backward()
+    for t in (A, B, m):
+        assert torch.equal(t.grad, torch.zeros_like(t))
+    assert x.grad.shape == (0, 8)
