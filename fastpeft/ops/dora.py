@@ -26,6 +26,7 @@ backward, never stored.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -78,8 +79,10 @@ def _(dy, x, weight, bias, lora_A, lora_B, magnitude, t, norm, yv, scaling, drop
             magnitude.new_empty(magnitude.shape[0] if need_mag else 0))
 
 
-# ‖W_n‖² per weight, reused while the weight is unchanged: keyed by the tensor's identity and
-# checked against its version counter and storage (an optimizer step or load bumps the version).
+# ‖W_n‖² per weight, reused while the weight is unchanged: keyed by the identity of the tensor that
+# owns the storage (a transposed view, e.g. GPT-2's Conv1D weight, is a new object on every call)
+# and the view's geometry, and checked against the version counter (an optimizer step or a load
+# bumps it) and the storage address.
 _WSQ: dict = {}
 _WSQ_MAX = 512
 
@@ -88,18 +91,17 @@ def cached_weight_sq(weight: Tensor) -> Tensor:
     """‖W_n‖² (N,) of ``weight`` (fp32 for half weights), cached per weight version."""
     if torch.compiler.is_compiling() or weight.device.type == "meta":
         return weight_sq_norm(weight)
-    key = id(weight)
-    stamp = (weight._version, weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device)
+    root = weight._base if weight._base is not None else weight
+    key = (id(root), tuple(weight.shape), weight.stride(), weight.storage_offset())
+    stamp = (weight._version, weight.data_ptr(), weight.dtype, weight.device)
     hit = _WSQ.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == stamp:
+    if hit is not None and hit[0]() is root and hit[1] == stamp:
         return hit[2]
     with torch.no_grad():
         w_sq = weight_sq_norm(weight)
     if len(_WSQ) >= _WSQ_MAX:
         _WSQ.clear()
-    import weakref
-
-    _WSQ[key] = (weakref.ref(weight), stamp, w_sq)
+    _WSQ[key] = (weakref.ref(root), stamp, w_sq)
     return w_sq
 
 

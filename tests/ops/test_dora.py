@@ -150,6 +150,10 @@ def test_weight_sq_cache_follows_weight_version():
         W.mul_(2)  # an optimizer step bumps the version
     b = cached_weight_sq(W)
     torch.testing.assert_close(b, (W * W).sum(1))
+    # a transposed view (GPT-2 Conv1D) is a new object per call: cached on the storage's owner
+    c = cached_weight_sq(W.t())
+    assert cached_weight_sq(W.t()) is c
+    torch.testing.assert_close(c, (W * W).sum(0))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "triton"])
