@@ -7,8 +7,8 @@
 Kernels:
 
 1. ``_dora_norm_kernel`` (one program per block of W's rows): the norm without the N×K matrix
-   W + s·B·A: W·Aᵀ (BLOCK_N, r) and A·Aᵀ (r, r) accumulated over K in registers, then
-   ‖W_n‖² (cached by the caller) + 2s·B_n·(W·Aᵀ)_n + s²·B_n·(A·Aᵀ)·B_nᵀ.
+   W + s·B·A: W·Aᵀ (BLOCK_N, r) accumulated over K in registers, then ‖W_n‖² (cached by the
+   caller) + 2s·B_n·(W·Aᵀ)_n + s²·B_n·(A·Aᵀ)·B_nᵀ (B·(A·Aᵀ), N×r, from the host's tiny GEMMs).
 2. Without dropout DoRA is LoRA on rows rescaled by g (dx = dy·(g⊙W) + dt·A, dt = s·dy·(g⊙B),
    dB = g⊙(s·dyᵀ·t)): forward and backward run the fused LoRA kernels of ``fastpeft.triton.lora``
    on g⊙W, g⊙B (an N×K scaled copy of W per call: no M×N temporary, the frozen GEMM's output is
@@ -44,6 +44,7 @@ def _dora_norm_kernel(
     w_ptr,      # (N, K) base weight, strides (swn, swk)
     a_ptr,      # (r, K) lora_A, strides (sar, sak)
     b_ptr,      # (N, r) lora_B, strides (sbn, sbr)
+    baa_ptr,    # (N, r) fp32 B·(A·Aᵀ), contiguous (r×r Gram matrix formed by the host)
     wsq_ptr,    # (N,) fp32 ‖W_n‖² (contiguous)
     norm_ptr,   # (N,) fp32 out: ‖W_n + s·B_n·A‖
     N, K, r,
@@ -60,8 +61,7 @@ def _dora_norm_kernel(
     cr = tl.arange(0, BLOCK_R).to(tl.int64)
     rmask = cr < r
     ck0 = tl.arange(0, BLOCK_K)
-    wa = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
-    aa = tl.zeros((BLOCK_R, BLOCK_R), dtype=tl.float32)
+    wa = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)  # this row block of W·Aᵀ
     for k0 in range(0, K, BLOCK_K):
         ck = (k0 + ck0).to(tl.int64)
         kmask = ck < K
@@ -70,10 +70,9 @@ def _dora_norm_kernel(
         # Aᵀ tile (BLOCK_K, BLOCK_R); padded rank columns load 0
         at = tl.load(a_ptr + cr[None, :] * sar + ck[:, None] * sak, mask=kmask[:, None] & rmask[None, :], other=0.0)
         wa = _dot(wt, at, wa, IEEE)
-        aa = _dot(tl.trans(at), at, aa, IEEE)  # every program forms the tiny A·Aᵀ itself
-    bt = tl.load(b_ptr + rows[:, None] * sbn + cr[None, :] * sbr, mask=nmask[:, None] & rmask[None, :],
-                 other=0.0).to(tl.float32)
-    baa = tl.dot(bt, aa, input_precision="ieee")
+    bmask = nmask[:, None] & rmask[None, :]
+    bt = tl.load(b_ptr + rows[:, None] * sbn + cr[None, :] * sbr, mask=bmask, other=0.0).to(tl.float32)
+    baa = tl.load(baa_ptr + rows[:, None] * r + cr[None, :], mask=bmask, other=0.0)
     wsq = tl.load(wsq_ptr + rows, mask=nmask, other=0.0)
     n2 = wsq + 2.0 * scaling * tl.sum(bt * wa, axis=1) + scaling * scaling * tl.sum(baa * bt, axis=1)
     tl.store(norm_ptr + rows, tl.sqrt(tl.maximum(n2, 0.0)), mask=nmask)
@@ -244,11 +243,14 @@ def _norm(weight, w_sq, lora_A, lora_B, scaling: float) -> torch.Tensor:
     N, K = weight.shape
     r = lora_A.shape[0]
     norm = torch.empty(N, dtype=torch.float32, device=weight.device)
-    bn, bk = (16, 32) if _common.small_tiles(weight) else (64, 64)
+    block_r = _block_r(r)
+    bn, bk, warps = _row_config(weight, block_r)
+    A32, B32 = lora_A.float(), lora_B.float()
+    baa = (B32 @ (A32 @ A32.t())).contiguous()  # (N, r): tiny products, on the host's BLAS
     _dora_norm_kernel[(triton.cdiv(N, bn),)](
-        weight, lora_A, lora_B, w_sq.float().contiguous(), norm, N, K, r,
+        weight, lora_A, lora_B, baa, w_sq.float().contiguous(), norm, N, K, r,
         weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-        float(scaling), IEEE=_common.ieee(weight.dtype), BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=_block_r(r), num_warps=4)
+        float(scaling), IEEE=_common.ieee(weight.dtype), BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=block_r, num_warps=warps)
     return norm
 
 
