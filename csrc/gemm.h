@@ -21,6 +21,7 @@
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/cpu/Utils.h>
 #include <c10/util/Exception.h>
 
 #include <dlfcn.h>
@@ -124,6 +125,21 @@ inline void gemm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& out
   }
   at::Tensor o = out;  // addmm_out takes a non-const reference
   at::addmm_out(o, o, a, b, beta, alpha);
+}
+
+// Does this CPU run GEMMs of dtype st natively (faster than fp32)? bf16: AVX512-BF16 or
+// AMX-BF16; fp16: AMX-FP16 (AVX512-FP16 alone measured slower than fp32 on an Intel Xeon with
+// AMX-BF16). Ops with a bf16 / fp16 path offer "upcast" (fp32 copies, fp32 GEMMs) as a timed
+// alternative only where this is false.
+inline bool native_lowp_gemm(at::ScalarType st) {
+  static const auto caps = at::cpu::get_cpu_capabilities();
+  auto has = [&](const char* k) {
+    auto it = caps.find(k);
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  };
+  if (st == at::kBFloat16) return has("avx512_bf16") || has("amx_bf16");
+  if (st == at::kHalf) return has("amx_fp16");
+  return false;
 }
 
 }  // namespace fastpeft

@@ -30,7 +30,8 @@
 // not depend on thread scheduling. FASTPEFT_LORA_BR / FASTPEFT_LORA_GB override the block
 // heights (tests).
 // The dropout mask is fastpeft::dropout_keep (common.h), bit-identical to fastpeft._dropout.
-// fp32/fp64 compute natively; fp16/bf16 are upcast to fp32 and the results cast back.
+// fp32/fp64 compute natively. bf16/fp16: see "bf16 / fp16" below (native low-precision GEMMs,
+// fp32 rank-r work; "upcast" to fp32 is a configuration of its own where that is faster).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -103,12 +104,13 @@ uint32_t seed_value(const std::optional<Tensor>& seed) {
 // xd != nullptr, xd[i*K + j] = x[i, j] · (keep ? scale : 0) (x read through its strides).
 // The common case (the 32-bit high word of the index constant along a row) is a plain loop
 // the compiler vectorises (vpmulld, 16 lanes with AVX-512).
-template <typename T>
+// x may be stored narrower than T (bf16 / fp16, widened here).
+template <typename T, typename TI>
 void dropout_rows(uint32_t seed, uint32_t thr, T scale, int64_t row0, int64_t rows, int64_t K,
-                  const T* x, int64_t sx0, int64_t sx1, T* xd, uint8_t* keep) {
+                  const TI* x, int64_t sx0, int64_t sx1, T* xd, uint8_t* keep) {
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t base = (row0 + i) * K;
-    const T* xr = x ? x + i * sx0 : nullptr;
+    const TI* xr = x ? x + i * sx0 : nullptr;
     T* xo = xd ? xd + i * K : nullptr;
     uint8_t* kr = keep ? keep + i * K : nullptr;
     const uint64_t hi0 = static_cast<uint64_t>(base) >> 32;
@@ -122,27 +124,27 @@ void dropout_rows(uint32_t seed, uint32_t thr, T scale, int64_t row0, int64_t ro
           for (int64_t j = 0; j < K; ++j) {
             const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
             kr[j] = k;
-            xo[j] = xr[j] * (k ? scale : T(0));
+            xo[j] = static_cast<T>(xr[j]) * (k ? scale : T(0));
           }
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < K; ++j) {
             const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
-            xo[j] = xr[j] * (k ? scale : T(0));
+            xo[j] = static_cast<T>(xr[j]) * (k ? scale : T(0));
           }
         }
       } else {
         for (int64_t j = 0; j < K; ++j) {
           const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
           if (kr) kr[j] = k;
-          if (xo) xo[j] = xr[j * sx1] * (k ? scale : T(0));
+          if (xo) xo[j] = static_cast<T>(xr[j * sx1]) * (k ? scale : T(0));
         }
       }
     } else {  // the row straddles a multiple of 2**32 elements: per-element key
       for (int64_t j = 0; j < K; ++j) {
         const bool k = fastpeft::dropout_keep(seed, thr, base + j);
         if (kr) kr[j] = k;
-        if (xo) xo[j] = xr[j * sx1] * (k ? scale : T(0));
+        if (xo) xo[j] = static_cast<T>(xr[j * sx1]) * (k ? scale : T(0));
       }
     }
   }
@@ -195,12 +197,20 @@ std::optional<Tensor> opt_f32(const std::optional<Tensor>& t) {
 // And how the rank-r products run: the register-blocked kernels of rank_kernels.h (when r
 // fills whole vectors) or single-threaded BLAS calls per block (any r). Name:
 // "<lib>[+blocked]|<micro|blas>", e.g. "onednn+blocked|micro".
+// bf16 / fp16 only: "upcast" runs the fp32 op on fp32 copies of every operand (for CPUs whose
+// low-precision GEMMs are slower than fp32 ones).
+// bf16 / fp16 only: "|gemm" runs the rank-r products that need no dropout mask as whole-M
+// library GEMMs (AMX kernels on CPUs that have them outrun any fp32 micro-kernel).
 struct Cfg {
   fastpeft::Lib lib;
   bool blocked;
   bool blas_rank;
+  bool upcast = false;
+  bool gemm_rank = false;
   std::string name() const {
-    return std::string(fastpeft::lib_name(lib)) + (blocked ? "+blocked" : "") + (blas_rank ? "|blas" : "|micro");
+    if (upcast) return "upcast";
+    return std::string(fastpeft::lib_name(lib)) + (blocked ? "+blocked" : "") +
+           (gemm_rank ? "|gemm" : blas_rank ? "|blas" : "|micro");
   }
 };
 
@@ -411,6 +421,308 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   return {dx, dW, db, dA, dB};
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// bf16 / fp16 (storage type S). The big GEMMs take the S operands as they are: ATen hands them
+// to oneDNN, which runs AMX / AVX512-BF16 kernels where the CPU has them, accumulates in fp32
+// and rounds once. The rank-r work runs on the fp32 micro-kernels, reading x / dy in place,
+// keeping t, dt and the dA / dB sums in fp32 and rounding y / dx once on store. A and B (tiny)
+// are widened per call, zero-padded to rank rp >= r (whole vectors: the padding adds zeros).
+// No fp32 copy of x, W or dy: the extra memory is O(M·rp) plus per-thread block scratch.
+
+// m (rows, c) widened to fp32 and zero-padded to (rows, cols).
+Tensor pad_cols_f32(const Tensor& m, int64_t cols) {
+  Tensor out = at::zeros({m.size(0), cols}, m.options().dtype(at::kFloat));
+  out.narrow(1, 0, m.size(1)).copy_(m);
+  return out;
+}
+
+std::vector<Cfg> lowp_candidates(at::ScalarType st, int64_t r) {
+  std::vector<Cfg> out;
+  if (padded_rank(r) > 0) {
+    out.push_back({fastpeft::Lib::Aten, false, false});
+    out.push_back({fastpeft::Lib::Aten, true, false});
+    out.push_back({fastpeft::Lib::Aten, false, false, false, true});
+  }
+  if (out.empty() || !fastpeft::native_lowp_gemm(st)) out.push_back({fastpeft::Lib::Aten, false, false, true});
+  return out;
+}
+
+template <typename S>
+std::tuple<Tensor, Tensor> lowp_fwd_impl(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                         const Tensor& A, const Tensor& B, double scaling, double p,
+                                         const std::optional<Tensor>& seed, const Cfg& cfg) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0), rp = padded_rank(r);
+  const int vb = rank_vb<float>(rp);
+  const auto fopts = x.options().dtype(at::kFloat);
+  Tensor y = at::empty({M, N}, x.options());
+  Tensor tf = at::empty({M, rp}, fopts);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const bool drop = p > 0.0;
+  const uint32_t sd = drop ? seed_value(seed) : 0u;
+  const uint32_t thr = drop ? dropout_threshold(p) : 0u;
+  const float dscale = static_cast<float>(1.0 / (1.0 - p));
+  const Tensor ATp = pad_cols_f32(A.t(), rp);                // (K, rp)
+  const Tensor BTp = pad_cols_f32(B, rp).t().contiguous();    // (rp, N)
+  const Tensor bf = has_bias ? bias->to(at::kFloat).contiguous() : Tensor();
+  const bool blocked = cfg.blocked && M > 0;
+  const Tensor Wt = weight.t();
+  if (M > 0) {
+    const int64_t br = block_rows(M, std::max(K, N), sizeof(float));
+    const int64_t gb = blocked ? gemm_rows(M, br) : br;
+    const int64_t nblk = (M + gb - 1) / gb;
+    const int64_t nch = num_chunks(nblk);
+    const S* xp = x.data_ptr<S>();
+    const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+    const bool scratch = drop || sx1 != 1;
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      Tensor xd = at::empty({br, K}, fopts);
+      for (int64_t c = c0; c < c1; ++c) {
+        for (int64_t ob = nblk * c / nch; ob < nblk * (c + 1) / nch; ++ob) {
+          const int64_t o0 = ob * gb, orows = std::min(gb, M - o0);
+          for (int64_t i0 = o0; i0 < o0 + orows; i0 += br) {
+            const int64_t rows = std::min(br, o0 + orows - i0);
+            float* tb = tf.data_ptr<float>() + i0 * rp;
+            // drop(x) (or x) widened into the fp32 block scratch once: the micro-kernels then
+            // broadcast fp32 values instead of widening each element per use.
+            if (scratch)
+              dropout_rows<float>(sd, drop ? thr : 0u, drop ? dscale : 1.0f, i0, rows, K, xp + i0 * sx0, sx0, sx1,
+                                  xd.data_ptr<float>(), nullptr);
+            else
+              widen_rows<float, kOuterVB>(xp + i0 * sx0, sx0, rows, K, xd.data_ptr<float>());
+            FASTPEFT_RANK_SWITCH(float, vb, rp,
+                                 rowvec<float, VB, NV>(rows, K, xd.data_ptr<float>(), K, ATp.data_ptr<float>(), 1.0f, tb, rp));
+          }
+          const int64_t nc = blocked ? std::min<int64_t>(N, 512) : N;
+          for (int64_t j0 = 0; j0 < N; j0 += nc) {
+            const int64_t cols = std::min(nc, N - j0);
+            outer<float, kOuterVB>(orows, cols, rp, tf.data_ptr<float>() + o0 * rp, rp, static_cast<float>(scaling),
+                                   BTp.data_ptr<float>() + j0, N, has_bias ? bf.data_ptr<float>() + j0 : nullptr,
+                                   y.data_ptr<S>() + o0 * N + j0, N);
+            if (blocked) fastpeft::gemm(x.narrow(0, o0, orows), Wt.narrow(1, j0, cols),
+                                        y.narrow(0, o0, orows).narrow(1, j0, cols), 1.0, 1.0, cfg.lib);
+          }
+        }
+      }
+    });
+  }
+  if (!blocked) fastpeft::gemm(x, Wt, y, 1.0, 1.0, cfg.lib);
+  return {y, tf.narrow(1, 0, r).to(x.scalar_type())};
+}
+
+template <typename S>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowp_bwd_impl(
+    const Tensor& dy_in, const Tensor& x, const Tensor& weight, const Tensor& A, const Tensor& B,
+    const Tensor& t_in, double scaling, double p, const std::optional<Tensor>& seed, bool need_x,
+    bool need_weight, bool need_bias, const Cfg& cfg) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0), rp = padded_rank(r);
+  const int vb = rank_vb<float>(rp);
+  const auto opts = x.options();
+  const auto fopts = opts.dtype(at::kFloat);
+  const Tensor dy = dy_in.stride(1) == 1 ? dy_in : dy_in.contiguous();
+  const Tensor t = t_in.stride(1) == 1 ? t_in : t_in.contiguous();
+  const bool drop = p > 0.0;
+  const uint32_t sd = drop ? seed_value(seed) : 0u;
+  const uint32_t thr = drop ? dropout_threshold(p) : 0u;
+  const float dscale = static_cast<float>(1.0 / (1.0 - p));
+  const float sc = static_cast<float>(scaling);
+
+  Tensor dx = need_x ? at::empty({M, K}, opts) : at::empty({0}, opts);
+  Tensor dA, dB;
+  const bool blocked = cfg.blocked && need_x && M > 0;
+  if (M == 0) {
+    dA = at::zeros({r, K}, opts);
+    dB = at::zeros({N, r}, opts);
+  } else {
+    const int64_t br = block_rows(M, std::max(K, N), sizeof(float));
+    const int64_t gb = blocked ? gemm_rows(M, br) : br;
+    const int64_t nblk = (M + gb - 1) / gb;
+    const int64_t nch = num_chunks(nblk);
+    Tensor dA_part = at::zeros({nch, K, rp}, fopts);  // dAᵀ partials, fixed chunks (deterministic)
+    Tensor dB_part = at::zeros({nch, N, rp}, fopts);
+    const Tensor Bp = pad_cols_f32(B, rp);                   // (N, rp)
+    const Tensor Ap = pad_cols_f32(A.t(), rp).t().contiguous();  // (rp, K)
+    const S* dyp = dy.data_ptr<S>();
+    const int64_t ldy = dy.stride(0), ldt = t.stride(0);
+    const S* tp = t.data_ptr<S>();
+    const S* xp = x.data_ptr<S>();
+    const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+    const bool scratch = drop || sx1 != 1;
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      Tensor xd = at::empty({br, K}, fopts);
+      Tensor dyf = at::empty({br, N}, fopts);
+      Tensor dxf = need_x && drop ? at::empty({br, K}, fopts) : Tensor();
+      std::vector<uint8_t> keep(drop && need_x ? static_cast<size_t>(br * K) : 0);
+      std::vector<float> ts(static_cast<size_t>(br * rp), 0.0f);  // s·t, padding columns stay 0
+      std::vector<float> dtf(static_cast<size_t>(br * rp));
+      for (int64_t c = c0; c < c1; ++c) {
+        float* dBp = dB_part[c].data_ptr<float>();
+        float* dAp = dA_part[c].data_ptr<float>();
+        for (int64_t ob = nblk * c / nch; ob < nblk * (c + 1) / nch; ++ob) {
+          const int64_t o0 = ob * gb, orows = std::min(gb, M - o0);
+          for (int64_t i0 = o0; i0 < o0 + orows; i0 += br) {
+            const int64_t rows = std::min(br, o0 + orows - i0);
+            for (int64_t a = 0; a < rows; ++a)
+              for (int64_t k = 0; k < r; ++k) ts[a * rp + k] = sc * static_cast<float>(tp[(i0 + a) * ldt + k]);
+            // dy and drop(x) widened into fp32 block scratch once, read twice each below.
+            widen_rows<float, kOuterVB>(dyp + i0 * ldy, ldy, rows, N, dyf.data_ptr<float>());
+            if (scratch)
+              dropout_rows<float>(sd, drop ? thr : 0u, drop ? dscale : 1.0f, i0, rows, K, xp + i0 * sx0, sx0, sx1,
+                                  xd.data_ptr<float>(), drop && need_x ? keep.data() : nullptr);
+            else
+              widen_rows<float, kOuterVB>(xp + i0 * sx0, sx0, rows, K, xd.data_ptr<float>());
+            const float* dyb = dyf.data_ptr<float>();
+            FASTPEFT_RANK_SWITCH(float, vb, rp, {
+              rowvec<float, VB, NV>(rows, N, dyb, N, Bp.data_ptr<float>(), sc, dtf.data(), rp);  // dt = s·dy·B
+              acct<float, VB, NV>(rows, N, dyb, N, ts.data(), dBp);                             // dB += dyᵀ·(s·t)
+              acct<float, VB, NV>(rows, K, xd.data_ptr<float>(), K, dtf.data(), dAp);          // dAᵀ += drop(x)ᵀ·dt
+            });
+            if (need_x) {
+              S* dxb = dx.data_ptr<S>() + i0 * K;
+              if (drop) {  // dx_blk = (dt·A) ⊙ mask/(1-p), masked in fp32 and rounded once
+                outer<float, kOuterVB>(rows, K, rp, dtf.data(), rp, 1.0f, Ap.data_ptr<float>(), K, nullptr,
+                                       dxf.data_ptr<float>(), K);
+                store_rows<S, float, kOuterVB>(dxf.data_ptr<float>(), dxb, rows * K, keep.data(), dscale);
+              } else {
+                outer<float, kOuterVB>(rows, K, rp, dtf.data(), rp, 1.0f, Ap.data_ptr<float>(), K, nullptr, dxb, K);
+              }
+            }
+          }
+          if (blocked) fastpeft::gemm(dy.narrow(0, o0, orows), weight, dx.narrow(0, o0, orows), 1.0, 1.0, cfg.lib);
+        }
+      }
+    });
+    const Tensor dAs = nch == 1 ? dA_part[0] : dA_part.sum(0);
+    const Tensor dBs = nch == 1 ? dB_part[0] : dB_part.sum(0);
+    dA = dAs.narrow(1, 0, r).t().to(x.scalar_type()).contiguous();
+    dB = dBs.narrow(1, 0, r).to(x.scalar_type()).contiguous();
+    if (need_x && !blocked) fastpeft::gemm(dy, weight, dx, 1.0, 1.0, cfg.lib);
+  }
+  if (need_x && M == 0) dx.zero_();
+  Tensor dW = need_weight ? at::empty({N, K}, opts) : at::empty({0}, opts);
+  if (need_weight) fastpeft::gemm(dy.t(), x, dW, 0.0, 1.0, cfg.lib);
+  Tensor db = need_bias ? dy.sum(0) : at::empty({0}, opts);
+  return {dx, dW, db, dA, dB};
+}
+
+
+// t = drop(x)·Aᵀ in fp32 (M, rp), by the micro-kernels over row blocks (the mask regenerated,
+// never stored), for the "|gemm" configuration when dropout is on or x is strided.
+template <typename S>
+Tensor lowp_t_pass(const Tensor& x, const Tensor& A, double p, const std::optional<Tensor>& seed) {
+  const int64_t M = x.size(0), K = x.size(1), r = A.size(0), rp = padded_rank(r);
+  const int vb = rank_vb<float>(rp);
+  const auto fopts = x.options().dtype(at::kFloat);
+  Tensor tf = at::empty({M, rp}, fopts);
+  const bool drop = p > 0.0;
+  const uint32_t sd = drop ? seed_value(seed) : 0u;
+  const uint32_t thr = drop ? dropout_threshold(p) : 0u;
+  const float dscale = static_cast<float>(1.0 / (1.0 - p));
+  const Tensor ATp = pad_cols_f32(A.t(), rp);
+  const int64_t br = block_rows(M, K, sizeof(float));
+  const int64_t nblk = (M + br - 1) / br;
+  const S* xp = x.data_ptr<S>();
+  const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Tensor xd = at::empty({br, K}, fopts);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * br, rows = std::min(br, M - i0);
+      dropout_rows<float>(sd, drop ? thr : 0u, drop ? dscale : 1.0f, i0, rows, K, xp + i0 * sx0, sx0, sx1,
+                          xd.data_ptr<float>(), nullptr);
+      FASTPEFT_RANK_SWITCH(float, vb, rp,
+                           rowvec<float, VB, NV>(rows, K, xd.data_ptr<float>(), K, ATp.data_ptr<float>(), 1.0f,
+                                                 tf.data_ptr<float>() + i0 * rp, rp));
+    }
+  });
+  return tf;
+}
+
+// "|gemm": the frozen GEMM first (beta = 0: accumulating into a bf16 output costs the library an
+// extra pass), then y += s·t·Bᵀ as one more whole-M GEMM.
+template <typename S>
+std::tuple<Tensor, Tensor> lowp_fwd_gemm(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                         const Tensor& A, const Tensor& B, double scaling, double p,
+                                         const std::optional<Tensor>& seed) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t r = A.size(0);
+  const Tensor t = (p > 0.0 || x.stride(1) != 1) ? lowp_t_pass<S>(x, A, p, seed).narrow(1, 0, r).to(x.scalar_type())
+                                                 : at::mm(x, A.t());
+  Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, x, weight.t()) : at::mm(x, weight.t());
+  if (y.numel() > 0) y.addmm_(t, B.t(), 1.0, scaling);
+  return {y, t};
+}
+
+template <typename S>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowp_bwd_gemm(
+    const Tensor& dy_in, const Tensor& x, const Tensor& weight, const Tensor& A, const Tensor& B,
+    const Tensor& t, double scaling, double p, const std::optional<Tensor>& seed, bool need_x,
+    bool need_weight, bool need_bias) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0), rp = padded_rank(r);
+  const auto opts = x.options();
+  const Tensor dy = dy_in.stride(1) == 1 ? dy_in : dy_in.contiguous();
+  const Tensor dt = at::mm(dy, B).mul_(scaling);      // (M, r), rounded to S as in eager
+  Tensor dB = at::mm(dy.t(), t).mul_(scaling);         // (N, r)
+  Tensor dx = need_x ? at::mm(dy, weight) : at::empty({0}, opts);
+  Tensor dA;
+  const bool drop = p > 0.0;
+  if (!drop && x.stride(1) == 1) {
+    dA = at::mm(dt.t(), x);
+    if (need_x && dx.numel() > 0) dx.addmm_(dt, A);
+  } else if (M == 0) {
+    dA = at::zeros({r, K}, opts);
+  } else {
+    // dAᵀ += drop(x)ᵀ·dt and dx += (dt·A) ⊙ mask/(1-p) per row block, the mask regenerated.
+    const int vb = rank_vb<float>(rp);
+    const auto fopts = opts.dtype(at::kFloat);
+    const uint32_t sd = drop ? seed_value(seed) : 0u;
+    const uint32_t thr = drop ? dropout_threshold(p) : 0u;
+    const float dscale = static_cast<float>(1.0 / (1.0 - p));
+    const int64_t br = block_rows(M, K, sizeof(float));
+    const int64_t nblk = (M + br - 1) / br;
+    const int64_t nch = num_chunks(nblk);
+    Tensor dA_part = at::zeros({nch, K, rp}, fopts);
+    const Tensor Ap = pad_cols_f32(A.t(), rp).t().contiguous();  // (rp, K)
+    const S* xp = x.data_ptr<S>();
+    const S* dtp = dt.data_ptr<S>();
+    const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
+    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      Tensor xd = at::empty({br, K}, fopts);
+      Tensor dxf = need_x ? at::empty({br, K}, fopts) : Tensor();
+      std::vector<uint8_t> keep(need_x ? static_cast<size_t>(br * K) : 0);
+      std::vector<float> dtf(static_cast<size_t>(br * rp), 0.0f);  // padding columns stay 0
+      for (int64_t c = c0; c < c1; ++c) {
+        float* dAp = dA_part[c].data_ptr<float>();
+        for (int64_t b = nblk * c / nch; b < nblk * (c + 1) / nch; ++b) {
+          const int64_t i0 = b * br, rows = std::min(br, M - i0);
+          for (int64_t a = 0; a < rows; ++a)
+            for (int64_t k = 0; k < r; ++k) dtf[a * rp + k] = static_cast<float>(dtp[(i0 + a) * r + k]);
+          dropout_rows<float>(sd, drop ? thr : 0u, drop ? dscale : 1.0f, i0, rows, K, xp + i0 * sx0, sx0, sx1,
+                              xd.data_ptr<float>(), need_x ? keep.data() : nullptr);
+          FASTPEFT_RANK_SWITCH(float, vb, rp,
+                               acct<float, VB, NV>(rows, K, xd.data_ptr<float>(), K, dtf.data(), dAp));
+          if (need_x) {
+            outer<float, kOuterVB>(rows, K, rp, dtf.data(), rp, 1.0f, Ap.data_ptr<float>(), K, nullptr,
+                                   dxf.data_ptr<float>(), K);
+            add_rows<S, float, kOuterVB>(dxf.data_ptr<float>(), dx.data_ptr<S>() + i0 * K, rows * K,
+                                         drop ? keep.data() : nullptr, drop ? dscale : 1.0f);
+          }
+        }
+      }
+    });
+    dA = (nch == 1 ? dA_part[0] : dA_part.sum(0)).narrow(1, 0, r).t().to(x.scalar_type()).contiguous();
+  }
+  Tensor dW = need_weight ? at::mm(dy.t(), x) : at::empty({0}, opts);
+  Tensor db = need_bias ? dy.sum(0) : at::empty({0}, opts);
+  return {dx, dW, db, dA, dB};
+}
+
 // Shape class of a call, for tune.h (with the libraries allowed: a FASTPEFT_CPU_GEMM or
 // torch.backends.mkldnn change is a new class).
 std::string tune_key(const char* op, const Tensor& x, int64_t M, int64_t K, int64_t N, int64_t r, double p,
@@ -429,6 +741,45 @@ std::vector<std::string> names_of(const std::vector<Cfg>& cands) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// fp32 / fp64: the tuned configuration for this shape class (obey_forced: see tune.h).
+std::tuple<Tensor, Tensor> fwd_tuned(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                     const Tensor& lora_A, const Tensor& lora_B, double scaling, double dropout_p,
+                                     const std::optional<Tensor>& seed, bool obey_forced) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  std::tuple<Tensor, Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_fwd", [&] {
+    const auto cands = candidates<scalar_t>(x.scalar_type(), r);
+    auto run = [&](int i) { return fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, cands[i]); };
+    const int pick = fastpeft::tuned_choice(tune_key("lora_fwd", x, M, K, N, r, dropout_p, cands), names_of(cands),
+                                            static_cast<double>(M) * K * N, [&](int i) { run(i); }, obey_forced);
+    out = run(pick);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_tuned(
+    const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& lora_A, const Tensor& lora_B,
+    const Tensor& t, double scaling, double dropout_p, const std::optional<Tensor>& seed, bool need_x,
+    bool need_weight, bool need_bias, bool obey_forced) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_bwd", [&] {
+    const auto cands = candidates<scalar_t>(x.scalar_type(), r);
+    auto run = [&](int i) {
+      return bwd_impl<scalar_t>(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_x, need_weight,
+                                need_bias, cands[i]);
+    };
+    // need_x / need_weight change the work: part of the shape class.
+    std::string key = tune_key("lora_bwd", x, M, K, N, r, dropout_p, cands) + (need_x ? " dx" : "") +
+                      (need_weight ? " dW" : "");
+    const double work = static_cast<double>(M) * K * N * ((need_x ? 1 : 0) + (need_weight ? 1 : 0));
+    const int pick = fastpeft::tuned_choice(key, names_of(cands), work, [&](int i) { run(i); }, obey_forced);
+    out = run(pick);
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
 std::tuple<Tensor, Tensor> lora_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                     const Tensor& lora_A, const Tensor& lora_B, double scaling, double dropout_p,
                                     const std::optional<Tensor>& seed) {
@@ -443,21 +794,27 @@ std::tuple<Tensor, Tensor> lora_fwd(const Tensor& x, const Tensor& weight, const
     if (bias.has_value() && bias->defined()) y.add_(*bias);
     return {y, at::zeros({x.size(0), lora_A.size(0)}, x.options())};
   }
-  if (is_half(x)) {
-    auto [y, t] = lora_fwd(to_f32(x), to_f32(weight), opt_f32(bias), to_f32(lora_A), to_f32(lora_B), scaling,
-                           dropout_p, seed);
-    return {y.to(x.scalar_type()), t.to(x.scalar_type())};
-  }
+  if (!is_half(x)) return fwd_tuned(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, true);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
-  std::tuple<Tensor, Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_fwd", [&] {
-    const auto cands = candidates<scalar_t>(x.scalar_type(), r);
-    auto run = [&](int i) { return fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, cands[i]); };
-    const int pick = fastpeft::tuned_choice(tune_key("lora_fwd", x, M, K, N, r, dropout_p, cands), names_of(cands),
-                                            static_cast<double>(M) * K * N, [&](int i) { run(i); });
-    out = run(pick);
-  });
-  return out;
+  const auto st = x.scalar_type();
+  const auto cands = lowp_candidates(st, r);
+  auto run = [&](int i) -> std::tuple<Tensor, Tensor> {
+    if (cands[i].upcast) {
+      auto [y, t] = fwd_tuned(to_f32(x), to_f32(weight), opt_f32(bias), to_f32(lora_A), to_f32(lora_B), scaling,
+                              dropout_p, seed, false);
+      return {y.to(st), t.to(st)};
+    }
+    std::tuple<Tensor, Tensor> out;
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "lora_fwd", [&] {
+      out = cands[i].gemm_rank
+                ? lowp_fwd_gemm<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+                : lowp_fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, cands[i]);
+    });
+    return out;
+  };
+  const int pick = fastpeft::tuned_choice(tune_key("lora_fwd", x, M, K, N, r, dropout_p, cands), names_of(cands),
+                                          static_cast<double>(M) * K * N, [&](int i) { run(i); });
+  return run(pick);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_bwd(
@@ -472,28 +829,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lora_bwd(
   check_2d("t", t);
   TORCH_CHECK(x.device().is_cpu(), "lora_bwd (C++ backend): expected CPU tensors, got ", x.device());
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "lora_bwd: dropout_p must be in [0, 1), got ", dropout_p);
-  if (is_half(x)) {
-    auto [dx, dW, db, dA, dB] = lora_bwd(to_f32(dy), to_f32(x), to_f32(weight), to_f32(lora_A), to_f32(lora_B),
-                                         to_f32(t), scaling, dropout_p, seed, need_x, need_weight, need_bias);
-    const auto st = x.scalar_type();
-    return {dx.to(st), dW.to(st), db.to(st), dA.to(st), dB.to(st)};
-  }
+  if (!is_half(x))
+    return bwd_tuned(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_x, need_weight, need_bias, true);
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = lora_A.size(0);
-  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lora_bwd", [&] {
-    const auto cands = candidates<scalar_t>(x.scalar_type(), r);
-    auto run = [&](int i) {
-      return bwd_impl<scalar_t>(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_x, need_weight,
-                                need_bias, cands[i]);
-    };
-    // need_x / need_weight change the work: part of the shape class.
-    std::string key = tune_key("lora_bwd", x, M, K, N, r, dropout_p, cands) + (need_x ? " dx" : "") +
-                      (need_weight ? " dW" : "");
-    const double work = static_cast<double>(M) * K * N * ((need_x ? 1 : 0) + (need_weight ? 1 : 0));
-    const int pick = fastpeft::tuned_choice(key, names_of(cands), work, [&](int i) { run(i); });
-    out = run(pick);
-  });
-  return out;
+  const auto st = x.scalar_type();
+  const auto cands = lowp_candidates(st, r);
+  using Out = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+  auto run = [&](int i) -> Out {
+    if (cands[i].upcast) {
+      auto [dx, dW, db, dA, dB] = bwd_tuned(to_f32(dy), to_f32(x), to_f32(weight), to_f32(lora_A), to_f32(lora_B),
+                                            to_f32(t), scaling, dropout_p, seed, need_x, need_weight, need_bias, false);
+      return {dx.to(st), dW.to(st), db.to(st), dA.to(st), dB.to(st)};
+    }
+    Out out;
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "lora_bwd", [&] {
+      out = cands[i].gemm_rank
+                ? lowp_bwd_gemm<scalar_t>(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_x,
+                                          need_weight, need_bias)
+                : lowp_bwd_impl<scalar_t>(dy, x, weight, lora_A, lora_B, t, scaling, dropout_p, seed, need_x,
+                                          need_weight, need_bias, cands[i]);
+    });
+    return out;
+  };
+  std::string key = tune_key("lora_bwd", x, M, K, N, r, dropout_p, cands) + (need_x ? " dx" : "") +
+                    (need_weight ? " dW" : "");
+  const double work = static_cast<double>(M) * K * N * ((need_x ? 1 : 0) + (need_weight ? 1 : 0));
+  const int pick = fastpeft::tuned_choice(key, names_of(cands), work, [&](int i) { run(i); });
+  return run(pick);
 }
 
 }  // namespace

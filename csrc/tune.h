@@ -56,10 +56,13 @@ inline int64_t row_class(int64_t M) {
 // Index (into names) of the configuration to run. `run(i)` runs candidate i once (a complete,
 // self-contained call of the op whose outputs are thrown away). `work` is the call's
 // multiply-add count.
+// `obey_forced` = false: FASTPEFT_CPU_CONFIG names a configuration of the calling op, not of this
+// one (a bf16 op's fp32 "upcast" configuration runs the fp32 op inside it, tuned as usual).
 template <class F>
-int tuned_choice(const std::string& key, const std::vector<std::string>& names, double work, F&& run) {
+int tuned_choice(const std::string& key, const std::vector<std::string>& names, double work, F&& run,
+                 bool obey_forced = true) {
   TORCH_CHECK(!names.empty(), "tune: no candidate configuration for ", key);
-  if (const char* forced = std::getenv("FASTPEFT_CPU_CONFIG")) {
+  if (const char* forced = obey_forced ? std::getenv("FASTPEFT_CPU_CONFIG") : nullptr) {
     if (*forced != '\0') {
       for (size_t i = 0; i < names.size(); ++i)
         if (names[i] == forced) return static_cast<int>(i);

@@ -55,3 +55,46 @@ def upcast(tensors: Iterable[Optional[torch.Tensor]], dtype=torch.float64):
 
 def grads(tensors: Iterable[Optional[torch.Tensor]]):
     return [None if (t is None or not isinstance(t, torch.Tensor)) else t.grad for t in tensors]
+
+
+def rel_err(actual: torch.Tensor, oracle: torch.Tensor) -> float:
+    """max |actual - oracle| / max |oracle| (the oracle in float64)."""
+    exp = oracle.detach().to(torch.float64)
+    act = actual.detach().to(torch.float64).to(exp.device)
+    if exp.numel() == 0:
+        return 0.0
+    return ((act - exp).abs().max() / exp.abs().max().clamp_min(1e-30)).item()
+
+
+def assert_as_accurate(actual: torch.Tensor, eager: torch.Tensor, oracle: torch.Tensor, name: str = "",
+                       factor: float = 2.0) -> None:
+    """Low-precision check by the error PyTorch itself makes: ``actual``'s error against the float64
+    ``oracle`` is at most ``factor`` times ``eager``'s (the same computation in plain PyTorch in the
+    same dtype), with a floor of one ulp-ish (2**-10 relative) so exact eager results don't demand
+    exactness."""
+    e_act, e_eager = rel_err(actual, oracle), rel_err(eager, oracle)
+    bound = factor * max(e_eager, 2.0 ** -10)
+    assert e_act <= bound, f"{name}: relative error {e_act:.3e} > {factor}x eager's {e_eager:.3e}"
+
+
+def cpu_configs(call) -> list:
+    """Names of the run-time configurations a C++ CPU op offers for a call (``call()`` runs it),
+    read from the error that an unknown FASTPEFT_CPU_CONFIG raises."""
+    import os
+    import re
+
+    old = os.environ.get("FASTPEFT_CPU_CONFIG")
+    os.environ["FASTPEFT_CPU_CONFIG"] = "?"
+    try:
+        call()
+    except RuntimeError as e:
+        m = re.search(r"available: ([^\n]*)", str(e))
+        if m is None:
+            raise
+        return [c.strip() for c in m.group(1).split(",")]
+    finally:
+        if old is None:
+            os.environ.pop("FASTPEFT_CPU_CONFIG", None)
+        else:
+            os.environ["FASTPEFT_CPU_CONFIG"] = old
+    raise AssertionError("FASTPEFT_CPU_CONFIG='?' was accepted")

@@ -42,6 +42,32 @@ def main(path: str) -> int:
         return fmt.format(a / b) if a and b else "n/a"
 
     lines = ["| figure | target | measured |", "|---|---|---|"]
+    dtypes = {r["dtype"] for r in rows.values()}
+    if dtypes and dtypes <= {"bfloat16", "float16"}:  # issue 10's figures, floors in the same dtype
+        dt = "/".join(sorted(dtypes))
+        lora = ["M=4096 K=768 N=768 ", "M=4096 K=768 N=3072 ", "M=512 K=4096 N=4096 "]
+        lines.append(f"| LoRA {dt} step vs frozen {dt} `nn.Linear` step, (4096,768,768) / (4096,768,3072) / "
+                     "(512,4096,4096) | ≤ 1.25× | "
+                     + " / ".join(ratio(ms("lora", "fastpeft", "full", s), ms("lora", "frozen", "full", s))
+                                  for s in lora) + " |")
+        lines.append(f"| LoRA {dt} step, HF PEFT time / fastpeft time, (4096,768,768) | ≥ 3× | "
+                     f"{ratio(ms('lora', 'peft', 'full', lora[0]), ms('lora', 'fastpeft', 'full', lora[0]))} |")
+        f, z = mb("lora", "fastpeft", "full", lora[0]), mb("lora", "frozen", "full", lora[0])
+        lines.append(f"| LoRA {dt} step peak memory, fastpeft vs frozen, (4096,768,768) | frozen + O(M·r) | "
+                     + (f"{f:.1f} vs {z:.1f} MB" if None not in (f, z) else "n/a") + " |")
+        a = "M=8192 d=768 m=64"
+        lines.append(f"| adapter {dt} step, eager time over fastpeft's | ≥ 1.6× | "
+                     f"{ratio(ms('adapter', 'eager', 'full', a), ms('adapter', 'fastpeft', 'full', a))} |")
+        pre = []
+        for shape in sorted({s for (o, _p, m, s) in rows if o == "prefix" and m == "full"}):
+            bp = next((w for w in shape.split() if w.startswith("Bp=")), shape)
+            f, c = ms("prefix", "fastpeft", "full", shape), ms("prefix", "cat_sdpa", "full", shape)
+            fm, cm = mb("prefix", "fastpeft", "full", shape), mb("prefix", "cat_sdpa", "full", shape)
+            pre.append(f"{bp}: {ratio(f, c)}, {fm:.1f} vs {cm:.1f} MB" if None not in (f, c, fm, cm) else f"{bp}: n/a")
+        lines.append(f"| prefix_attention {dt} step vs cat + SDPA | ≤ 1.0×, less memory | "
+                     + ("; ".join(pre) or "n/a") + " |")
+        print("\n".join(lines))
+        return 0
 
     def floor(shape):  # issue 9: the frozen linear on the faster GEMM library on this machine
         fs = [v for v in (ms("lora", "frozen", "full", shape), ms("lora", "frozen_onednn", "full", shape)) if v]

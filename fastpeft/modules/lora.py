@@ -18,6 +18,7 @@ from torch import nn
 
 from fastpeft.modules.tuner import TunerLayer
 from fastpeft.ops.dora import dora_linear
+from fastpeft.ops._common import autocast_dtype
 from fastpeft.ops.lora import lora_linear
 
 __all__ = ["LoRALayer", "LoRALinear", "DoRAMagnitude", "is_conv1d"]
@@ -425,11 +426,13 @@ class LoRALinear(LoRALayer):
 
     def _fused(self, name: str, x: torch.Tensor) -> Optional[torch.Tensor]:
         A = self.lora_A[name].weight
-        if x.dtype != A.dtype or x.dtype != self.base_layer.weight.dtype:
+        # Under autocast the op casts x, W and the fp32 LoRA weights to the autocast dtype itself
+        # (as autocast does for nn.Linear), so mixed dtypes still take the fused path there.
+        if (x.dtype != A.dtype or x.dtype != self.base_layer.weight.dtype) and autocast_dtype(x.device) is None:
             return None
         if self.use_dora.get(name):
             m = self.lora_magnitude_vector[name].weight
-            if m.dtype != x.dtype:
+            if m.dtype != x.dtype and autocast_dtype(x.device) is None:
                 return None
             return dora_linear(x, self._weight(), self.base_layer.bias, A, self.lora_B[name].weight, m,
                                self.scaling[name], self.lora_dropout[name], training=self.training,

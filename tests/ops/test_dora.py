@@ -312,3 +312,23 @@ def test_empty_batch(backend, p):
     for t in (A, B, m):
         assert torch.equal(t.grad, torch.zeros_like(t))
     assert x.grad.shape == (0, 8)
+
+
+def test_layer_under_autocast_takes_fused_path(monkeypatch):
+    """LoRALinear(use_dora=True) with fp32 weights under bf16 autocast: the fused op (it casts the
+    magnitude too) and fp32 gradients for the fp32 DoRA parameters."""
+    import fastpeft.modules.lora as mod
+
+    calls = []
+    real = mod.dora_linear
+    monkeypatch.setattr(mod, "dora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    layer = fastpeft.LoRALinear(torch.nn.Linear(32, 16), r=4, lora_alpha=8, init_lora_weights=False, use_dora=True)
+    x = torch.randn(5, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert calls and y.dtype == torch.bfloat16
+    ref = layer.float()(x)  # fp32, unfused-equivalent oracle through the same layer
+    assert_close(y, ref, torch.bfloat16, "y")
+    y.float().sum().backward()
+    m = layer.lora_magnitude_vector["default"].weight
+    assert m.grad is not None and m.grad.dtype == torch.float32
