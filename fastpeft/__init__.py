@@ -1,6 +1,6 @@
 """fastpeft: parameter-efficient fine-tuning as fast as the frozen model underneath it.
 
-Functional ops (``lora_linear``, ``adapter``, ``prefix_attention``), drop-in layers
+Functional ops (``lora_linear``, ``dora_linear``, ``adapter``, ``prefix_attention``), drop-in layers
 (``LoRALinear``, ``Adapter``, ...), a model-level API (``get_peft_model``, ...) and
 ``backends()`` / ``python -m fastpeft info`` to see which backends work here.
 
@@ -28,6 +28,9 @@ _LAZY = {
     "MultiLoRALinearFunction": "fastpeft.ops.multi_lora",
     "stack_lora_weights": "fastpeft.ops.multi_lora",
     "MultiLoRALinear": "fastpeft.modules.multi_lora",
+    # DoRA (LoRALinear(use_dora=True) at the layer level)
+    "dora_linear": "fastpeft.ops.dora",
+    "DoRALinearFunction": "fastpeft.ops.dora",
     # adapters
     "adapter": "fastpeft.ops.adapter",
     "AdapterFunction": "fastpeft.ops.adapter",

@@ -10,6 +10,7 @@ import sys
 BENCH_OPS = {
     "lora": "fastpeft.bench.lora",
     "multi_lora": "fastpeft.bench.multi_lora",
+    "dora": "fastpeft.bench.dora",
     "adapter": "fastpeft.bench.adapter",
     "prefix": "fastpeft.bench.prefix",
     "vpt": "fastpeft.bench.vpt",

@@ -30,7 +30,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 BACKENDS = ("triton", "cpu", "reference")
-FAMILIES = ("lora", "adapter", "prefix_attention", "multi_lora")
+FAMILIES = ("lora", "dora", "adapter", "prefix_attention", "multi_lora")
 
 
 @lru_cache(maxsize=None)

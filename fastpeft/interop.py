@@ -9,9 +9,10 @@ parameters, adapter names, scaling, merge state and every PEFT method (``set_ada
 
 Fused: ``nn.Linear`` and GPT-2 ``Conv1D`` base layers (the latter through a transposed weight
 view), a LoRA bias (``lora_bias=True``: folded into the op's bias), several active adapters (the
-first in the fused op, the others added). Not fused, and said so by :func:`patch_summary` (logged
-when patching): DoRA and other LoRA variants, other LoRA layer types (Embedding, Conv), quantized
-layers. Per call, PEFT's own forward also runs for ``adapter_names`` mixed batches, merged or
+first in the fused op, the others added), DoRA (``use_dora=True``, a single active adapter: on
+``fastpeft.dora_linear``, PEFT's conventions). Not fused, and said so by :func:`patch_summary`
+(logged when patching): other LoRA variants, DoRA with ``lora_bias``, other LoRA layer types
+(Embedding, Conv), quantized layers; per call, a DoRA adapter active together with others. Per call, PEFT's own forward also runs for ``adapter_names`` mixed batches, merged or
 disabled adapters and inputs whose dtype differs from the base weight's. Adapters that PEFT keeps
 in fp32 on a bf16 / fp16 base are cast to the activation dtype for the fused op (it accumulates
 in fp32); outputs then agree with PEFT to that dtype's tolerance.
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastpeft.modules.lora import is_conv1d
+from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora import lora_linear
 
 __all__ = ["patch_peft", "unpatch_peft", "patch_summary", "PatchSummary", "FusedPeftLoraLinear"]
@@ -40,12 +42,23 @@ log = logging.getLogger("fastpeft")
 _FUSED_CLASSES: Dict[type, type] = {}
 
 
+def _is_dora(layer, name: str) -> bool:
+    return bool(getattr(layer, "use_dora", {}).get(name, False))
+
+
 def _vanilla(layer, name: str) -> Optional[str]:
-    """Why adapter ``name`` of a PEFT LoRA layer cannot run in the fused op (None: it can)."""
-    if getattr(layer, "use_dora", {}).get(name, False):
-        return "DoRA (use_dora)"
-    if name in getattr(layer, "lora_variant", {}):
-        return f"LoRA variant {type(layer.lora_variant[name]).__name__}"
+    """Why adapter ``name`` of a PEFT LoRA layer cannot run in the fused op (None: it can).
+    DoRA adapters run on ``fastpeft.dora_linear`` (PEFT's ``DoraLinearVariant`` only)."""
+    variant = getattr(layer, "lora_variant", {}).get(name)
+    if _is_dora(layer, name):
+        if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+            return f"DoRA variant {type(variant).__name__}"
+        if name not in getattr(layer, "lora_magnitude_vector", {}):
+            return "DoRA without a magnitude vector"
+        if layer.lora_B[name].bias is not None:
+            return "DoRA with lora_bias"
+    elif variant is not None:
+        return f"LoRA variant {type(variant).__name__}"
     A, B = layer.lora_A[name], layer.lora_B[name]
     if type(A) is not nn.Linear or type(B) is not nn.Linear or A.bias is not None:
         return "lora_A / lora_B are not plain nn.Linear"
@@ -79,6 +92,8 @@ class FusedPeftLoraLinear:
         active = [a for a in self.active_adapters if a in self.lora_A]
         if not active or any(_vanilla(self, a) for a in active):
             return None
+        if len(active) > 1 and any(_is_dora(self, a) for a in active):
+            return None  # PEFT's DoRA then reuses the running sum of the other adapters: its own forward
         if x.dtype != base.weight.dtype:
             return None
         weight = base.weight.t() if is_conv1d(base) else base.weight
@@ -97,7 +112,11 @@ class FusedPeftLoraLinear:
             if b is not None:  # lora_bias: s·(B A x + b) -> the op's bias gets s·b
                 b = s * b.to(x.dtype)
                 bias = b if bias is None else bias + b
-            terms.append((A, B, s, p))
+            m = None
+            if _is_dora(self, name):
+                m = self.lora_magnitude_vector[name].weight
+                m = m.to(x.dtype) if m.dtype != x.dtype else m
+            terms.append((A, B, s, p, m))
         return weight, bias, terms
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -105,9 +124,11 @@ class FusedPeftLoraLinear:
         if plan is None:
             return super().forward(x, *args, **kwargs)
         weight, bias, terms = plan
-        A, B, s, p = terms[0]
+        A, B, s, p, m = terms[0]
+        if m is not None:  # a single DoRA adapter (PEFT's conventions, see fastpeft.ops.dora)
+            return dora_linear(x, weight, bias, A, B, m, s, p, training=p > 0.0, backend=self._fastpeft_backend)
         y = lora_linear(x, weight, bias, A, B, s, p, training=p > 0.0, backend=self._fastpeft_backend)
-        for A, B, s, p in terms[1:]:  # further active adapters add their updates (as PEFT)
+        for A, B, s, p, _ in terms[1:]:  # further active adapters add their updates (as PEFT)
             y = y + F.linear(F.linear(F.dropout(x, p, True) if p > 0 else x, A), B) * s
         return y
 
@@ -163,8 +184,10 @@ def patch_summary(peft_model: nn.Module) -> PatchSummary:
         if not isinstance(m, FusedPeftLoraLinear):
             reason = f"PEFT {type(m).__name__} layer (no fused op for it)"
         else:
-            reason = _base_reason(m) or next((r for a in m.active_adapters if a in m.lora_A
-                                              for r in [_vanilla(m, a)] if r), None)
+            active = [a for a in m.active_adapters if a in m.lora_A]
+            reason = _base_reason(m) or next((r for a in active for r in [_vanilla(m, a)] if r), None)
+            if reason is None and len(active) > 1 and any(_is_dora(m, a) for a in active):
+                reason = "DoRA active together with other adapters"
         out.layers[path] = reason or "fused"
         if reason:
             why[reason] += 1

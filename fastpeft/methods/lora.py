@@ -41,6 +41,8 @@ class LoraConfig(_Config):
     layers_to_transform / layers_pattern: only these block indices (list-form targets, as PEFT).
     rank_pattern / alpha_pattern: ``{name regex: r / alpha}`` per module (PEFT's matching).
     fan_in_fan_out: read from the layer type (GPT-2 ``Conv1D``), as PEFT corrects it per layer.
+    use_dora: DoRA (weight-decomposed LoRA, PEFT's conventions) on the Linear / Conv1D targets,
+        on the fused op ``fastpeft.dora_linear``; saved as PEFT saves it (key ``<layer>.lora_magnitude_vector``).
     """
     peft_type = "LORA"
     r: int = 8
@@ -60,12 +62,13 @@ class LoraConfig(_Config):
     rank_pattern: Dict[str, int] = field(default_factory=dict)
     alpha_pattern: Dict[str, float] = field(default_factory=dict)
     fan_in_fan_out: bool = False
+    use_dora: bool = False
 
     _peft_ignored = ("megatron_core", "qalora_group_size")
 
     @classmethod
     def _unsupported(cls):
-        return {"use_dora": (False, None), "lora_bias": (False, None), "layer_replication": (None,),
+        return {"lora_bias": (False, None), "layer_replication": (None,),
                 "trainable_token_indices": (None,), "target_parameters": (None,), "use_qalora": (False, None),
                 "alora_invocation_tokens": (None,), "use_bdlora": (None, False), "megatron_config": (None,),
                 "loftq_config": ({}, None), "eva_config": (None,), "corda_config": (None,),
@@ -75,6 +78,7 @@ class LoraConfig(_Config):
     def __post_init__(self):
         _check(isinstance(self.r, int) and self.r >= 1, f"r: expected a positive int, got {self.r!r}")
         _check(0.0 <= float(self.lora_dropout) < 1.0, f"lora_dropout: expected [0, 1), got {self.lora_dropout!r}")
+        _check(isinstance(self.use_dora, bool), f"use_dora: expected a bool, got {self.use_dora!r}")
         _check(self.bias in ("none", "all", "lora_only"),
                f"bias: expected 'none', 'all' or 'lora_only', got {self.bias!r}")
         i = self.init_lora_weights
@@ -216,6 +220,14 @@ class LoraMethod(PeftMethod):
             kw = dict(lora_dropout=c.lora_dropout, use_rslora=c.use_rslora, init_lora_weights=c.init_lora_weights)
             if slices is not None:
                 kw["out_slices"] = slices
+            if c.use_dora:
+                if _layer_class(base) is not LoRALinear:
+                    raise ValueError(f"use_dora: {path!r} is a {type(base).__name__}; fastpeft's DoRA adapts "
+                                     "nn.Linear and GPT-2 Conv1D layers")
+                if slices is not None:
+                    raise ValueError(f"use_dora: {path!r} targets parts of a fused projection; DoRA adapts whole "
+                                     "layers")
+                kw["use_dora"] = True
             if isinstance(m, LoRALayer):
                 m.update_layer(name, r, alpha, **kw)
                 journal.on_undo(lambda m=m: m.delete_adapter(name))
@@ -245,6 +257,8 @@ class LoraMethod(PeftMethod):
             A, B = m._factors()
             out[f"{pre}{path}.{a}"] = A[self.name] if isinstance(m, LoRAEmbedding) else A[self.name].weight
             out[f"{pre}{path}.{b}"] = B[self.name] if isinstance(m, LoRAEmbedding) else B[self.name].weight
+            if isinstance(m, LoRALinear) and self.name in m.lora_magnitude_vector:
+                out[f"{pre}{path}.lora_magnitude_vector"] = m.lora_magnitude_vector[self.name].weight
             if self.config.bias == "lora_only" and getattr(m.base_layer, "bias", None) is not None:
                 out[f"{pre}{path}.base_layer.bias"] = m.base_layer.bias
         if self.config.bias == "all":

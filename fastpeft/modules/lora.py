@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastpeft.modules.tuner import TunerLayer
+from fastpeft.ops.dora import dora_linear
 from fastpeft.ops._common import autocast_dtype
 from fastpeft.ops.lora import lora_linear
 from fastpeft.ops.multi_lora import multi_lora_linear, stack_lora_weights
 
-__all__ = ["LoRALayer", "LoRALinear", "is_conv1d"]
+__all__ = ["LoRALayer", "LoRALinear", "DoRAMagnitude", "is_conv1d"]
 
 _INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
 
@@ -127,8 +128,11 @@ class LoRALayer(TunerLayer):
             if safe_merge and not torch.isfinite(delta).all():
                 raise ValueError(f"merge: adapter {name!r} has a non-finite (NaN/inf) delta weight; "
                                  "refusing to corrupt the base weight")
-            merged = (W.float() + delta).to(W.dtype)
-            back = (merged.float() - delta).to(W.dtype)
+            merged = self._merged_weight(name, W, delta).to(W.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"merge: adapter {name!r} gives a non-finite merged weight; "
+                                 "refusing to corrupt the base weight")
+            back = self._unmerged_weight(name, merged, delta).to(W.dtype)
             bad = (back != W).reshape(-1).nonzero().squeeze(1)
             self._fixups[name] = (bad, W.reshape(-1)[bad].clone())
             W.copy_(merged)
@@ -140,11 +144,23 @@ class LoRALayer(TunerLayer):
         W = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            W.copy_((W.float() - self.get_delta_weight(name).reshape(W.shape)).to(W.dtype))
+            W.copy_(self._unmerged_weight(name, W, self.get_delta_weight(name).reshape(W.shape)).to(W.dtype))
             idx, vals = self._fixups.pop(name)
             W.view(-1)[idx] = vals
 
+    def _merged_weight(self, name: str, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """The base weight with adapter ``name`` folded in, in fp32 (LoRA: ``W + delta``)."""
+        return W.float() + delta
+
+    def _unmerged_weight(self, name: str, merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`_merged_weight`, in fp32 (exactness comes from the merge's fix-ups)."""
+        return merged.float() - delta
+
     # ---- forward ----------------------------------------------------------------------------
+    def _add_delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``y`` (the output so far) plus adapter ``name``'s contribution."""
+        return y + self._delta(name, x)
+
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The adapter's update ``s·B(A(drop(x)))`` for input ``x``."""
         raise NotImplementedError
@@ -182,9 +198,9 @@ class LoRALayer(TunerLayer):
             return self._base(x)
         y = self._fused(run[0], x)
         if y is None:
-            y = self._base(x) + self._delta(run[0], x)
+            y = self._add_delta(run[0], x, self._base(x))
         for name in run[1:]:
-            y = y + self._delta(name, x)
+            y = self._add_delta(name, x, y)
         return y
 
     def extra_repr(self) -> str:
@@ -198,8 +214,23 @@ def _check_init(init) -> None:
         raise ValueError(f"init_lora_weights: expected {_INITS}, got {init!r}")
 
 
+class DoRAMagnitude(nn.Module):
+    """PEFT's ``lora_magnitude_vector[name]`` (a ``DoraLinearLayer``): one ``(out,)`` parameter
+    named ``weight``, so checkpoints map key for key."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight)
+
+
 class LoRALinear(LoRALayer):
     """``y = base(x) + s·B(A(drop(x)))`` with the fused op; ``merge()`` folds it into base.
+
+    With ``use_dora=True`` the adapter is DoRA (HF PEFT's conventions, fused op
+    :func:`fastpeft.dora_linear`): ``y = base(x) + (g-1)⊙base_r + g⊙s·B(A(drop(x)))`` with
+    ``g = m / ‖W + s·B·A‖`` (norm per output row, detached), ``m = lora_magnitude_vector[name]``
+    initialised to ‖W + s·B·A‖ and ``base_r`` the frozen output without bias (or, with dropout
+    active, ``drop(x)·Wᵀ``).
 
     Args:
         base_layer: the ``nn.Linear`` (or GPT-2 ``Conv1D``, weight ``(in, out)``) to adapt (frozen).
@@ -213,12 +244,13 @@ class LoRALinear(LoRALayer):
         out_slices: LoRA on parts of the output only (e.g. Q and V of a fused qkv): a list of
             ``(start, stop)`` output ranges, each with its own rank-r factors (``lora_A`` stacks
             them: ``(len·r, in)``; ``lora_B`` holds their rows: ``(Σ sizes, r)``).
+        use_dora: DoRA instead of plain LoRA for this adapter (not with ``out_slices``).
     """
 
     def __init__(self, base_layer: nn.Module, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
                  adapter_name: str = "default", backend: Optional[str] = None,
-                 out_slices: Optional[Sequence[Tuple[int, int]]] = None):
+                 out_slices: Optional[Sequence[Tuple[int, int]]] = None, use_dora: bool = False):
         if not isinstance(base_layer, nn.Linear) and not is_conv1d(base_layer):
             raise ValueError(f"base_layer: expected nn.Linear (or transformers' Conv1D), got {type(base_layer).__name__}")
         super().__init__(base_layer, adapter_name, backend)
@@ -228,11 +260,19 @@ class LoRALinear(LoRALayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.out_slices: Dict[str, Optional[List[Tuple[int, int]]]] = {}
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, out_slices)
+        self.use_dora: Dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only (PEFT's name)
+        self._dora_norms: Dict[str, torch.Tensor] = {}  # ‖W + s·B·A‖ at merge time, for unmerge
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, out_slices,
+                          use_dora)
 
     def update_layer(self, adapter_name: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
                      use_rslora: bool = False, init_lora_weights: Union[bool, str] = True,
-                     out_slices: Optional[Sequence[Tuple[int, int]]] = None) -> None:
+                     out_slices: Optional[Sequence[Tuple[int, int]]] = None, use_dora: bool = False) -> None:
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora: expected a bool, got {use_dora!r}")
+        if use_dora and out_slices is not None:
+            raise ValueError("use_dora: DoRA adapts whole layers; it cannot be combined with out_slices")
         slices = out_slices
         if slices is not None:
             slices = [(int(a), int(b)) for a, b in slices]
@@ -242,11 +282,71 @@ class LoRALinear(LoRALayer):
             if init_lora_weights not in (True, False, "gaussian"):
                 raise ValueError(f"init_lora_weights: {init_lora_weights!r} is not available with out_slices")
         self.out_slices[adapter_name] = slices
+        self.use_dora[adapter_name] = use_dora
         super().update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        if use_dora:
+            self.lora_magnitude_vector[adapter_name] = DoRAMagnitude(self._weight_norm(adapter_name))
+        elif adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.out_slices.pop(adapter_name, None)
+        self.use_dora.pop(adapter_name, None)
+        self._dora_norms.pop(adapter_name, None)
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
+
+    def adapter_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
+        yield from super().adapter_parameters(adapter_name)
+        if adapter_name in self.lora_magnitude_vector:
+            yield self.lora_magnitude_vector[adapter_name].weight
+
+    # ---- DoRA ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _weight_norm(self, name: str, W: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """‖W + s·B·A‖ per output row (fp32 maths, the weight's dtype out), W (out, in) the base
+        weight unless given: PEFT's ``get_weight_norm``, the magnitude's initial value."""
+        W = self._weight() if W is None else W
+        d = self.get_delta_weight(name)
+        d = d.t() if self.fan_in_fan_out else d
+        return torch.linalg.norm(W.float() + d, dim=1).to(self.base_layer.weight.dtype)
+
+    def _dora_factor(self, name: str, norm: torch.Tensor) -> torch.Tensor:
+        """``m / norm`` (fp32) shaped to scale the stored base weight's output rows."""
+        f = self.lora_magnitude_vector[name].weight.float() / norm.float()
+        return f.view(1, -1) if self.fan_in_fan_out else f.view(-1, 1)
+
+    def _merged_weight(self, name: str, W: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if not self.use_dora.get(name):
+            return super()._merged_weight(name, W, delta)
+        # PEFT: W' = (m / ‖W + ΔW‖) ⊙ (W + ΔW), the norm from the weight before this merge, kept for unmerge.
+        Wf = W.float() + delta
+        norm = torch.linalg.norm(Wf.t() if self.fan_in_fan_out else Wf, dim=1)
+        self._dora_norms[name] = norm
+        return self._dora_factor(name, norm) * Wf
+
+    def _unmerged_weight(self, name: str, merged: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if not self.use_dora.get(name):
+            return super()._unmerged_weight(name, merged, delta)
+        return merged.float() / self._dora_factor(name, self._dora_norms[name]) - delta
+
+    def _dora_add(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """PEFT's ``DoraLinearVariant.forward`` (unfused): ``y`` is the running result, whose
+        bias-free part is the ``base_r`` PEFT reuses when dropout is off."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        W, bias = self._weight(), self.base_layer.bias
+        p, s = self.lora_dropout[name], self.scaling[name]
+        m = self.lora_magnitude_vector[name].weight
+        x = x.to(A.dtype)
+        if p > 0 and self.training:
+            x = F.dropout(x, p, True)
+            base_r = F.linear(x, W.to(x.dtype))
+        else:
+            base_r = y - bias if bias is not None else y
+        norm = torch.linalg.norm(W.to(x.dtype) + s * (B @ A).detach(), dim=1).to(W.dtype).detach()
+        g = (m / norm).view(1, -1)
+        return y + (g - 1) * base_r + g * F.linear(F.linear(x, A), B) * s
 
     def _create(self, name: str, r: int) -> None:
         w = self.base_layer.weight
@@ -322,7 +422,14 @@ class LoRALinear(LoRALayer):
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x)
 
+    def _add_delta(self, name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.use_dora.get(name):
+            return self._dora_add(name, x, y)
+        return y + self._delta(name, x)
+
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.use_dora.get(name):
+            raise ValueError("adapter_names: mixed batches are not available with DoRA adapters (as in PEFT)")
         p = self.lora_dropout[name]
         A = self.lora_A[name].weight
         h = F.dropout(x.to(A.dtype), p, self.training) if p > 0 else x.to(A.dtype)
@@ -334,6 +441,13 @@ class LoRALinear(LoRALayer):
         # (as autocast does for nn.Linear), so mixed dtypes still take the fused path there.
         if (x.dtype != A.dtype or x.dtype != self.base_layer.weight.dtype) and autocast_dtype(x.device) is None:
             return None
+        if self.use_dora.get(name):
+            m = self.lora_magnitude_vector[name].weight
+            if m.dtype != x.dtype and autocast_dtype(x.device) is None:
+                return None
+            return dora_linear(x, self._weight(), self.base_layer.bias, A, self.lora_B[name].weight, m,
+                               self.scaling[name], self.lora_dropout[name], training=self.training,
+                               backend=self.backend)
         return lora_linear(x, self._weight(), self.base_layer.bias, A, self._B_full(name), self.scaling[name],
                            self.lora_dropout[name], training=self.training, backend=self.backend)
 

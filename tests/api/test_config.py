@@ -74,8 +74,10 @@ def test_invalid_configs():
         fastpeft.PromptTuningConfig(prompt_tuning_init="TEXT")
     with pytest.raises(ValueError, match="unknown peft_type 'IA3'"):
         config_from_dict({"peft_type": "IA3"}, "x.json")
-    with pytest.raises(ValueError, match="use_dora"):
-        fastpeft.LoraConfig.from_dict({"peft_type": "LORA", "use_dora": True})
+    with pytest.raises(ValueError, match="lora_bias"):
+        fastpeft.LoraConfig.from_dict({"peft_type": "LORA", "lora_bias": True})
+    with pytest.raises(ValueError, match="use_dora: expected a bool"):
+        fastpeft.LoraConfig(use_dora="yes")
 
 
 def test_adapter_config_bottleneck_rules():

@@ -1,6 +1,6 @@
 """``patch_peft`` gaps: patched models pickle / ``torch.save`` (also into a fresh process), GPT-2
 Conv1D, LoRA bias and several active adapters take the fused path with PEFT's outputs and
-gradients, and what is not fused (DoRA, Embedding LoRA) is reported in a summary."""
+gradients, and what is not fused (DoRA stacked with other adapters, Embedding LoRA) is reported in a summary."""
 import copy
 import io
 import logging
@@ -81,8 +81,9 @@ def test_what_is_not_fused_is_reported(caplog):
         fastpeft.patch_peft(hp)
     s = hp.fastpeft_patch_summary
     assert s.fused == 2  # the two v_proj layers
-    assert s.not_fused == {"DoRA (use_dora)": 2, "PEFT Embedding layer (no fused op for it)": 1}
-    assert s.layers["base_model.model.model.layers.0.self_attn.q_proj"] == "DoRA (use_dora)"
+    assert s.not_fused == {"DoRA active together with other adapters": 2,
+                           "PEFT Embedding layer (no fused op for it)": 1}
+    assert s.layers["base_model.model.model.layers.0.self_attn.q_proj"] == "DoRA active together with other adapters"
     assert "2 LoRA layer(s) on fastpeft's fused op, 3 on PEFT's forward" in caplog.text
     assert any(r.levelno == logging.WARNING for r in caplog.records)
     assert_close(run("hf_llama", hp), ref, torch.float32, "dora falls back")

@@ -182,8 +182,9 @@ def test_config_keys_are_checked_and_named(tmp_path):
         config_from_dict({"peft_type": "PROMPT_TUNING", "a": 1, "b": 2})
     with pytest.raises(ValueError, match="unknown peft_type 'LOHA'"):
         config_from_dict({"peft_type": "LOHA"}, "x.json")
-    with pytest.raises(ValueError, match="use_dora"):
-        config_from_dict({"peft_type": "LORA", "use_dora": True})
+    with pytest.raises(ValueError, match="lora_bias"):
+        config_from_dict({"peft_type": "LORA", "lora_bias": True})
+    assert config_from_dict({"peft_type": "LORA", "use_dora": True}).use_dora  # DoRA is supported
     # a PEFT config with every key PEFT writes (defaults) loads
     d = peft.LoraConfig(r=2, rank_pattern={"q": 3}, layers_to_transform=[1], exclude_modules=["k"]).to_dict()
     d = json.loads(json.dumps(d, default=lambda o: sorted(o) if isinstance(o, set) else getattr(o, "value", str(o))))
