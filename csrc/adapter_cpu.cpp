@@ -469,8 +469,9 @@ BwdOut bwd_tuned(const Tensor& dy, const Tensor& x, const Tensor& Wd, const Tens
 //             widened or copied. The bottleneck (M, m) work - activation, dropout mask, act'
 //             - runs in fp32 on fp32 copies of z / dh (O(M·m)), rounded once into the GEMM
 //             operand. Biases ride the GEMMs: h gets a column of ones and the folded up weight
-//             a row c = scale ⊙ bu, so y = R + [h, 1]·[Wus; c]ᵀ is one addmm onto R, and in
-//             backward row m of [h, 1]ᵀ·dy is colsum(dy). Folded weights (scale ⊙ Wu, ...) and
+//             a row c = scale ⊙ bu, so y = R + [h, 1]·[Wus; c]ᵀ is one GEMM onto R (by row
+//             blocks: R_blk copied into y_blk, the GEMM accumulating onto it in cache; the same
+//             for dx = dy + dz·Wd), and in backward row m of [h, 1]ᵀ·dy is colsum(dy). Folded weights (scale ⊙ Wu, ...) and
 //             the small gradients (dbd, the scale products) are formed in fp32 and rounded once.
 //   "upcast"  the fp32 op on fp32 copies of every operand, results rounded back: a candidate
 //             only where fastpeft::native_lowp_gemm(dtype) is false (no AMX / AVX512-BF16 for
@@ -527,6 +528,48 @@ Tensor with_ones(const Tensor& hf, bool ones, at::ScalarType st) {
   return hc;
 }
 
+// src (M, m) fp32 contiguous, rounded once into (m (+1), M) of dtype st: its transpose, with a
+// row of ones appended when `ones` (row blocks of src stay in cache while their columns go out).
+Tensor transposed(const Tensor& src, bool ones, at::ScalarType st) {
+  const int64_t M = src.size(0), m = src.size(1);
+  Tensor dst = at::empty({m + (ones ? 1 : 0), M}, src.options().dtype(st));
+  const float* sp = src.data_ptr<float>();
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "adapter_transposed", [&] {
+    scalar_t* dp = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, M, 256, [&](int64_t b0, int64_t b1) {
+      std::vector<float> col(256);
+      for (int64_t r0 = b0; r0 < b1; r0 += 256) {
+        const int64_t nr = std::min<int64_t>(256, b1 - r0);
+        for (int64_t j = 0; j < m; ++j) {  // column j of the row block, gathered in fp32, rounded as a vector
+          for (int64_t r = 0; r < nr; ++r) col[r] = sp[(r0 + r) * m + j];
+          store_rows<scalar_t, float, kOuterVB>(col.data(), dp + j * M + r0, nr);
+        }
+        if (ones) std::fill(dp + m * M + r0, dp + m * M + r0 + nr, static_cast<scalar_t>(1.0f));
+      }
+    });
+  });
+  return dst;
+}
+
+// out = R + a·b (out, R: (M, N) in S; a: (M, K); b: (K, N)), by row blocks of about 1.5 MiB
+// in fixed chunks: each block copies R_blk into out_blk and a single-threaded GEMM accumulates
+// onto it while it is in cache (a whole-M addmm copies R first, a full extra pass).
+Tensor add_gemm_rows(const Tensor& R, const Tensor& a, const Tensor& b) {
+  const int64_t M = R.size(0), N = R.size(1);
+  Tensor out = at::empty({M, N}, R.options());
+  if (M == 0) return out;
+  const int nth = std::max(1, at::get_num_threads());
+  const int64_t BR = block_rows(M, N, R.element_size(), nth);
+  const int64_t nblk = (M + BR - 1) / BR;
+  for_chunks(nblk, num_chunks(nblk, nth), [&](int, int64_t blk) {
+    const int64_t r0 = blk * BR, nr = std::min(BR, M - r0);
+    Tensor ob = out.narrow(0, r0, nr);
+    ob.copy_(R.narrow(0, r0, nr));
+    fastpeft::gemm(a.narrow(0, r0, nr), b, ob, 1.0, 1.0);
+  });
+  return out;
+}
+
 std::tuple<Tensor, Tensor> lowp_fwd_gemm(const Tensor& x, const Tensor& Wd, const c10::optional<Tensor>& bd,
                                          const Tensor& Wu, const c10::optional<Tensor>& bu, const Tensor& scale,
                                          const c10::optional<Tensor>& residual, Act act, const Dropout& dp) {
@@ -543,7 +586,7 @@ std::tuple<Tensor, Tensor> lowp_fwd_gemm(const Tensor& x, const Tensor& Wd, cons
     // Folded in fp32, rounded once: Wc = [scale ⊙ Wu | scale ⊙ bu]ᵀ (m (+1), d).
     Tensor Wc = (Wu.to(at::kFloat) * sf.unsqueeze(1)).t();
     if (has_bu) Wc = at::cat({Wc, (sf * bu->to(at::kFloat)).unsqueeze(0)}, 0);
-    Tensor y = at::addmm(R, with_ones(hf, has_bu, st), Wc.to(st));          // y = R + [h, 1]·Wc
+    Tensor y = add_gemm_rows(R, with_ones(hf, has_bu, st), Wc.to(st));     // y = R + [h, 1]·Wc
     return {y, z};
   }
   // A non-finite scale entry: u = h·Wuᵀ + bu kept whole, y = R + scale ⊙ u (the reference's order).
@@ -572,12 +615,13 @@ BwdOut lowp_bwd_gemm(const Tensor& dy_in, const Tensor& x, const Tensor& Wd, con
   Tensor dzf = at::empty_like(zf);
   act_bwd(act, dzf, dhf, zf);                                                 // dz = dh ⊙ act'(z), fp32
   const Tensor dz = dzf.to(st);
-  // [h, 1]ᵀ·dy: rows 0..m-1 are Gᵀ = hᵀ·dy, row m is colsum(dy).
-  const Tensor GTs = at::mm(with_ones(hf, true, st).t(), dy);                 // (m + 1, d) in S
+  // [h, 1]ᵀ·dy: rows 0..m-1 are Gᵀ = hᵀ·dy, row m is colsum(dy). The reductions over M take
+  // hᵀ / dzᵀ stored transposed (contiguous rows of M): ~25% faster than the transposed views.
+  const Tensor GTs = at::mm(transposed(hf, true, st), dy);                    // (m + 1, d) in S
   const Tensor G = GTs.narrow(0, 0, m).t().to(at::kFloat);                    // (d, m)
   const Tensor s = GTs.select(0, m).to(at::kFloat);                           // (d,)
-  Tensor dWd = at::mm(dz.t(), x);                                             // (m, d)
-  Tensor dx = !need_x ? at::empty({0}, opts) : residual_is_x ? at::addmm(dy, dz, Wd) : at::mm(dz, Wd);
+  Tensor dWd = at::mm(transposed(dzf, false, st), x);                        // (m, d)
+  Tensor dx = !need_x ? at::empty({0}, opts) : residual_is_x ? add_gemm_rows(dy, dz, Wd) : at::mm(dz, Wd);
   Tensor dbd = dzf.sum(0).to(st);
   Tensor dWu = (G * sf.unsqueeze(1)).to(st);
   Tensor dbu = (s * sf).to(st);
