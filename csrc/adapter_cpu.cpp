@@ -469,9 +469,9 @@ BwdOut bwd_tuned(const Tensor& dy, const Tensor& x, const Tensor& Wd, const Tens
 //             widened or copied. The bottleneck (M, m) work - activation, dropout mask, act'
 //             - runs in fp32 on fp32 copies of z / dh (O(M·m)), rounded once into the GEMM
 //             operand. Biases ride the GEMMs: h gets a column of ones and the folded up weight
-//             a row c = scale ⊙ bu, so y = R + [h, 1]·[Wus; c]ᵀ is one GEMM onto R (by row
-//             blocks: R_blk copied into y_blk, the GEMM accumulating onto it in cache; the same
-//             for dx = dy + dz·Wd), and in backward row m of [h, 1]ᵀ·dy is colsum(dy). Folded weights (scale ⊙ Wu, ...) and
+//             a row c = scale ⊙ bu, so y = R + [h, 1]·[Wus; c]ᵀ is one GEMM onto R (as is
+//             dx = dy + dz·Wd), and in backward row m of [h, 1]ᵀ·dy is colsum(dy).
+//   "gemm+blocked"  the same, with the two "R + a·b" products by row blocks (add_gemm_rows). Folded weights (scale ⊙ Wu, ...) and
 //             the small gradients (dbd, the scale products) are formed in fp32 and rounded once.
 //   "upcast"  the fp32 op on fp32 copies of every operand, results rounded back: a candidate
 //             only where fastpeft::native_lowp_gemm(dtype) is false (no AMX / AVX512-BF16 for
@@ -479,11 +479,12 @@ BwdOut bwd_tuned(const Tensor& dy, const Tensor& x, const Tensor& Wd, const Tens
 // Measured (Intel Xeon with AMX-BF16, 2 threads, M=8192 d=768 m=64 GELU, fwd+bwd): see README.
 struct LowpCfg {
   bool upcast;
-  std::string name() const { return upcast ? "upcast" : "gemm"; }
+  bool blocked = false;  // the two "R + a·b" products by row blocks (add_gemm_rows)
+  std::string name() const { return upcast ? "upcast" : blocked ? "gemm+blocked" : "gemm"; }
 };
 
 std::vector<LowpCfg> lowp_candidates(at::ScalarType st) {
-  std::vector<LowpCfg> out{{false}};
+  std::vector<LowpCfg> out{{false, false}, {false, true}};
   if (!fastpeft::native_lowp_gemm(st)) out.push_back({true});
   return out;
 }
@@ -503,58 +504,101 @@ std::string lowp_key(const char* op, const Tensor& x, int64_t M, int64_t d, int6
   return k + "]";
 }
 
-// The (M, m) dropout multipliers keep/(1-p) or 0 in fp32 (the same mask as every backend).
-Tensor dropout_mult_f32(const Dropout& dp, int64_t M, int64_t m) {
-  Tensor mult = at::empty({M, m}, at::TensorOptions().dtype(at::kFloat));
-  float* mp = mult.data_ptr<float>();
-  at::parallel_for(0, M, 256, [&](int64_t r0, int64_t r1) { dropout_mult<float>(dp, mp + r0 * m, r0, r1 - r0, m); });
-  return mult;
+// The bottleneck (M, m) work of the bf16 / fp16 path, in one pass over row blocks of kLowpRows
+// with fp32 scratch of one block (no (M, m) fp32 tensor is allocated; fresh multi-MB buffers
+// page-fault on every call):
+//   forward : h = drop(act(z)) -> hc (M, m (+1)) in S, [h, 1] when `ones`;
+//   backward: h as above -> hcT (m + 1, M) = [h, 1]ᵀ; dz = (dh ⊙ mask) ⊙ act'(z) -> dz (M, m) and
+//             dzT (m, M) in S; dbd partials per block (summed in block order after: deterministic).
+constexpr int64_t kLowpRows = 256;
+
+// dst rows j = 0..m-1 at dst + j·ld get column j of the fp32 block src (rows × m), rounded once.
+template <typename S>
+void store_cols(const float* src, int64_t rows, int64_t m, S* dst, int64_t ld, float* col) {
+  for (int64_t j = 0; j < m; ++j) {
+    for (int64_t r = 0; r < rows; ++r) col[r] = src[r * m + j];
+    store_rows<S, float, kOuterVB>(col, dst + j * ld, rows);
+  }
 }
 
-// h = drop(act(z)) in fp32 (M, m), with z rounded to S as the forward returned it.
-Tensor lowp_h(const Tensor& zf, Act act, const Dropout& dp, const Tensor& mult) {
-  Tensor hf = at::empty_like(zf);
-  act_fwd(act, hf, zf);
-  if (dp.on) hf.mul_(mult);
-  return hf;
+// hb = drop(act(z rows [r0, r0+nr))) in fp32; mult (when dropout is on) gets the block's mask.
+template <typename S>
+void block_h(const S* zp, int64_t r0, int64_t nr, int64_t m, Act act, const Dropout& dp, Tensor& zb, Tensor& hb,
+             Tensor& mult) {
+  widen_rows<float, kOuterVB>(zp + r0 * m, m, nr, m, zb.data_ptr<float>());
+  act_fwd(act, hb, zb);
+  if (dp.on) {
+    dropout_mult<float>(dp, mult.data_ptr<float>(), r0, nr, m);
+    hb.mul_(mult);
+  }
 }
 
-// [h, 1] in S: (M, m + 1) when the ones column is wanted, else (M, m).
-Tensor with_ones(const Tensor& hf, bool ones, at::ScalarType st) {
-  const int64_t M = hf.size(0), m = hf.size(1);
-  Tensor hc = at::empty({M, m + (ones ? 1 : 0)}, hf.options().dtype(st));
-  hc.narrow(1, 0, m).copy_(hf);
-  if (ones) hc.select(1, m).fill_(1);
+template <typename S>
+Tensor lowp_fwd_bottleneck(const Tensor& z, Act act, const Dropout& dp, bool ones) {
+  const int64_t M = z.size(0), m = z.size(1), mc = m + (ones ? 1 : 0);
+  Tensor hc = at::empty({M, mc}, z.options());
+  const S* zp = z.data_ptr<S>();
+  S* hp = hc.data_ptr<S>();
+  const auto fo = z.options().dtype(at::kFloat);
+  at::parallel_for(0, (M + kLowpRows - 1) / kLowpRows, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kLowpRows, nr = std::min(kLowpRows, M - r0);
+      Tensor zb = at::empty({nr, m}, fo), hb = at::empty({nr, m}, fo), mult = dp.on ? at::empty({nr, m}, fo) : Tensor();
+      block_h<S>(zp, r0, nr, m, act, dp, zb, hb, mult);
+      const float* h = hb.data_ptr<float>();
+      for (int64_t r = 0; r < nr; ++r) {
+        store_rows<S, float, kOuterVB>(h + r * m, hp + (r0 + r) * mc, m);
+        if (ones) hp[(r0 + r) * mc + m] = static_cast<S>(1.0f);
+      }
+    }
+  });
   return hc;
 }
 
-// src (M, m) fp32 contiguous, rounded once into (m (+1), M) of dtype st: its transpose, with a
-// row of ones appended when `ones` (row blocks of src stay in cache while their columns go out).
-Tensor transposed(const Tensor& src, bool ones, at::ScalarType st) {
-  const int64_t M = src.size(0), m = src.size(1);
-  Tensor dst = at::empty({m + (ones ? 1 : 0), M}, src.options().dtype(st));
-  const float* sp = src.data_ptr<float>();
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "adapter_transposed", [&] {
-    scalar_t* dp = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, M, 256, [&](int64_t b0, int64_t b1) {
-      std::vector<float> col(256);
-      for (int64_t r0 = b0; r0 < b1; r0 += 256) {
-        const int64_t nr = std::min<int64_t>(256, b1 - r0);
-        for (int64_t j = 0; j < m; ++j) {  // column j of the row block, gathered in fp32, rounded as a vector
-          for (int64_t r = 0; r < nr; ++r) col[r] = sp[(r0 + r) * m + j];
-          store_rows<scalar_t, float, kOuterVB>(col.data(), dp + j * M + r0, nr);
-        }
-        if (ones) std::fill(dp + m * M + r0, dp + m * M + r0 + nr, static_cast<scalar_t>(1.0f));
-      }
-    });
+// Returns hcT (m + 1, M), dz (M, m), dzT (m, M) in S and dbd (m,) in fp32.
+template <typename S>
+std::tuple<Tensor, Tensor, Tensor, Tensor> lowp_bwd_bottleneck(const Tensor& z, const Tensor& dh, Act act,
+                                                               const Dropout& dp) {
+  const int64_t M = z.size(0), m = z.size(1), nblk = (M + kLowpRows - 1) / kLowpRows;
+  const auto fo = z.options().dtype(at::kFloat);
+  Tensor hcT = at::empty({m + 1, M}, z.options()), dz = at::empty({M, m}, z.options()),
+         dzT = at::empty({m, M}, z.options());
+  Tensor dbd_part = at::zeros({std::max<int64_t>(nblk, 1), m}, fo);
+  const S* zp = z.data_ptr<S>();
+  const S* dhp = dh.data_ptr<S>();
+  S *hT = hcT.data_ptr<S>(), *dzp = dz.data_ptr<S>(), *dzTp = dzT.data_ptr<S>();
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad;
+    std::vector<float> col(kLowpRows);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kLowpRows, nr = std::min(kLowpRows, M - r0);
+      Tensor zb = at::empty({nr, m}, fo), hb = at::empty({nr, m}, fo), mult = dp.on ? at::empty({nr, m}, fo) : Tensor();
+      Tensor dhb = at::empty({nr, m}, fo), dzb = at::empty({nr, m}, fo);
+      block_h<S>(zp, r0, nr, m, act, dp, zb, hb, mult);
+      widen_rows<float, kOuterVB>(dhp + r0 * m, m, nr, m, dhb.data_ptr<float>());
+      if (dp.on) dhb.mul_(mult);
+      act_bwd(act, dzb, dhb, zb);
+      const float* dzf = dzb.data_ptr<float>();
+      store_cols<S>(hb.data_ptr<float>(), nr, m, hT + r0, M, col.data());
+      std::fill(hT + m * M + r0, hT + m * M + r0 + nr, static_cast<S>(1.0f));
+      store_cols<S>(dzf, nr, m, dzTp + r0, M, col.data());
+      store_rows<S, float, kOuterVB>(dzf, dzp + r0 * m, nr * m);
+      float* db = dbd_part.data_ptr<float>() + blk * m;
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < m; ++j) db[j] += dzf[r * m + j];
+    }
   });
-  return dst;
+  return {hcT, dz, dzT, dbd_part.sum(0)};
 }
 
-// out = R + a·b (out, R: (M, N) in S; a: (M, K); b: (K, N)), by row blocks of about 1.5 MiB
-// in fixed chunks: each block copies R_blk into out_blk and a single-threaded GEMM accumulates
-// onto it while it is in cache (a whole-M addmm copies R first, a full extra pass).
-Tensor add_gemm_rows(const Tensor& R, const Tensor& a, const Tensor& b) {
+// out = R + a·b (out, R: (M, N) in S; a: (M, K); b: (K, N)). Whole-M: one addmm (ATen copies
+// R into out, then one multi-threaded GEMM accumulates: an extra pass over out). Blocked: row
+// blocks of about 1.5 MiB in fixed chunks, each copying R_blk into out_blk and accumulating a
+// single-threaded GEMM onto it while it is in cache (no extra pass, but per-call GEMM costs).
+// Which is faster depends on the CPU and the shape: timed ("gemm" / "gemm+blocked").
+Tensor add_gemm_rows(const Tensor& R, const Tensor& a, const Tensor& b, bool blocked) {
+  if (!blocked) return at::addmm(R, a, b);
   const int64_t M = R.size(0), N = R.size(1);
   Tensor out = at::empty({M, N}, R.options());
   if (M == 0) return out;
@@ -572,57 +616,55 @@ Tensor add_gemm_rows(const Tensor& R, const Tensor& a, const Tensor& b) {
 
 std::tuple<Tensor, Tensor> lowp_fwd_gemm(const Tensor& x, const Tensor& Wd, const c10::optional<Tensor>& bd,
                                          const Tensor& Wu, const c10::optional<Tensor>& bu, const Tensor& scale,
-                                         const c10::optional<Tensor>& residual, Act act, const Dropout& dp) {
+                                         const c10::optional<Tensor>& residual, Act act, const Dropout& dp,
+                                         bool blocked) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto st = x.scalar_type();
-  const int64_t M = x.size(0), m = Wd.size(0);
   const bool has_bd = bd.has_value() && bd->defined(), has_bu = bu.has_value() && bu->defined();
   const Tensor R = residual.has_value() && residual->defined() ? *residual : x;
   Tensor z = has_bd ? at::addmm(*bd, x, Wd.t()) : at::mm(x, Wd.t());        // (M, m) in S
-  const Tensor mult = dp.on ? dropout_mult_f32(dp, M, m) : Tensor();
-  const Tensor hf = lowp_h(z.to(at::kFloat), act, dp, mult);
   const Tensor sf = scale.to(at::kFloat);
   if (all_finite<float>(sf.contiguous())) {
     // Folded in fp32, rounded once: Wc = [scale ⊙ Wu | scale ⊙ bu]ᵀ (m (+1), d).
     Tensor Wc = (Wu.to(at::kFloat) * sf.unsqueeze(1)).t();
     if (has_bu) Wc = at::cat({Wc, (sf * bu->to(at::kFloat)).unsqueeze(0)}, 0);
-    Tensor y = add_gemm_rows(R, with_ones(hf, has_bu, st), Wc.to(st));     // y = R + [h, 1]·Wc
+    Tensor hc;
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "adapter_fwd", [&] { hc = lowp_fwd_bottleneck<scalar_t>(z, act, dp, has_bu); });
+    Tensor y = add_gemm_rows(R, hc, Wc.to(st), blocked);                     // y = R + [h, 1]·Wc
     return {y, z};
   }
   // A non-finite scale entry: u = h·Wuᵀ + bu kept whole, y = R + scale ⊙ u (the reference's order).
-  const Tensor h = hf.to(st);
+  Tensor h;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "adapter_fwd", [&] { h = lowp_fwd_bottleneck<scalar_t>(z, act, dp, false); });
   Tensor u = has_bu ? at::addmm(*bu, h, Wu.t()) : at::mm(h, Wu.t());
   return {at::addcmul(R, u, scale.unsqueeze(0)), z};
 }
 
 BwdOut lowp_bwd_gemm(const Tensor& dy_in, const Tensor& x, const Tensor& Wd, const Tensor& Wu,
                      const c10::optional<Tensor>& bu, const Tensor& z, const Tensor& scale, Act act, const Dropout& dp,
-                     bool residual_is_x, bool need_x, bool need_scale) {
+                     bool residual_is_x, bool need_x, bool need_scale, bool blocked) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto st = x.scalar_type();
   const auto opts = x.options();
-  const int64_t M = x.size(0), m = Wd.size(0);
+  const int64_t m = Wd.size(0);
   const Tensor dy = dy_in.stride(-1) == 1 ? dy_in : dy_in.contiguous();
   const Tensor sf = scale.to(at::kFloat);
   const Tensor Wuf = Wu.to(at::kFloat);
   const Tensor Wus = (Wuf * sf.unsqueeze(1)).to(st);                         // (d, m), rounded once
   const Tensor dh = at::mm(dy, Wus);                                          // (M, m) in S
-  const Tensor zf = z.to(at::kFloat);
-  const Tensor mult = dp.on ? dropout_mult_f32(dp, M, m) : Tensor();
-  const Tensor hf = lowp_h(zf, act, dp, mult);
-  Tensor dhf = dh.to(at::kFloat);
-  if (dp.on) dhf.mul_(mult);
-  Tensor dzf = at::empty_like(zf);
-  act_bwd(act, dzf, dhf, zf);                                                 // dz = dh ⊙ act'(z), fp32
-  const Tensor dz = dzf.to(st);
-  // [h, 1]ᵀ·dy: rows 0..m-1 are Gᵀ = hᵀ·dy, row m is colsum(dy). The reductions over M take
-  // hᵀ / dzᵀ stored transposed (contiguous rows of M): ~25% faster than the transposed views.
-  const Tensor GTs = at::mm(transposed(hf, true, st), dy);                    // (m + 1, d) in S
+  // hᵀ / dzᵀ come stored transposed (contiguous rows of M) for the reductions over M: ~25%
+  // faster GEMMs than the transposed views of h / dz.
+  Tensor hcT, dz, dzT, dbdf;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "adapter_bwd", [&] {
+    std::tie(hcT, dz, dzT, dbdf) = lowp_bwd_bottleneck<scalar_t>(z.contiguous(), dh, act, dp);
+  });
+  // [h, 1]ᵀ·dy: rows 0..m-1 are Gᵀ = hᵀ·dy, row m is colsum(dy).
+  const Tensor GTs = at::mm(hcT, dy);                                         // (m + 1, d) in S
   const Tensor G = GTs.narrow(0, 0, m).t().to(at::kFloat);                    // (d, m)
   const Tensor s = GTs.select(0, m).to(at::kFloat);                           // (d,)
-  Tensor dWd = at::mm(transposed(dzf, false, st), x);                        // (m, d)
-  Tensor dx = !need_x ? at::empty({0}, opts) : residual_is_x ? add_gemm_rows(dy, dz, Wd) : at::mm(dz, Wd);
-  Tensor dbd = dzf.sum(0).to(st);
+  Tensor dWd = at::mm(dzT, x);                                                // (m, d)
+  Tensor dx = !need_x ? at::empty({0}, opts) : residual_is_x ? add_gemm_rows(dy, dz, Wd, blocked) : at::mm(dz, Wd);
+  Tensor dbd = dbdf.to(st);
   Tensor dWu = (G * sf.unsqueeze(1)).to(st);
   Tensor dbu = (s * sf).to(st);
   Tensor ds = at::empty({0}, opts);
@@ -661,7 +703,7 @@ std::tuple<Tensor, Tensor> adapter_fwd(const Tensor& x, const Tensor& down_weigh
                               opt_to(residual, f), activation, act, dp, false);
       return {y.to(st), z.to(st)};
     }
-    return lowp_fwd_gemm(x, down_weight, down_bias, up_weight, up_bias, scale, residual, act, dp);
+    return lowp_fwd_gemm(x, down_weight, down_bias, up_weight, up_bias, scale, residual, act, dp, cands[i].blocked);
   };
   const int pick = fastpeft::tuned_choice(lowp_key("adapter_fwd", x, M, d, m, activation, dp.on, cands),
                                           lowp_names(cands), 2.0 * M * d * m, [&](int i) { run(i); });
@@ -696,7 +738,7 @@ BwdOut adapter_bwd(const Tensor& dy, const Tensor& x, const Tensor& down_weight,
       return {dx.to(st), dWd.to(st), dbd.to(st), dWu.to(st), dbu.to(st), ds.to(st)};
     }
     return lowp_bwd_gemm(dy, x, down_weight, up_weight, up_bias, z, scale, act, dp, residual_is_x, need_x,
-                         need_scale);
+                         need_scale, cands[i].blocked);
   };
   const std::string key = lowp_key("adapter_bwd", x, M, d, m, activation, dp.on, cands) + (need_x ? " dx" : "") +
                           (residual_is_x ? " res" : "");

@@ -7,7 +7,7 @@ max-abs, relative to the oracle's max-abs; a one-ulp floor (of that max) keeps a
 result (error ~0 on a tiny tensor) from demanding the impossible.
 
 Every configuration the C++ op has for the dtype is forced by name (FASTPEFT_CPU_CONFIG): "gemm"
-(adapter) / "native" (prefix_attention) everywhere, "upcast" only where the CPU has no native
+and "gemm+blocked" (adapter) / "native" (prefix_attention) everywhere, "upcast" only where the CPU has no native
 GEMMs for the dtype (``torch.ops.fastpeft_cpu.native_lowp_gemm``); forcing "upcast" elsewhere is
 an error that names what exists.
 """
@@ -26,10 +26,14 @@ LOWP = [torch.bfloat16, torch.float16]
 ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
 
-def configs(dtype, native_name):
+def configs(dtype, native_names):
     """The configurations the C++ op offers for dtype on this CPU, and the ones it does not."""
     native = torch.ops.fastpeft_cpu.native_lowp_gemm(dtype)
-    return ([native_name] if native else [native_name, "upcast"]), (["upcast"] if native else [])
+    return (native_names if native else native_names + ["upcast"]), (["upcast"] if native else [])
+
+
+ADAPTER_CONFIGS = ["gemm", "gemm+blocked"]
+PREFIX_CONFIGS = ["native"]
 
 
 def rel_err(t, ref):
@@ -79,7 +83,7 @@ ADAPTER_CASES = [  # (M, d, m, activation, lead, scale, residual, noncontig, p, 
 @pytest.mark.parametrize("dtype", LOWP, ids=lambda t: DTYPE_IDS[t])
 @pytest.mark.parametrize("case", ADAPTER_CASES, ids=lambda c: f"M{c[0]}-d{c[1]}-m{c[2]}-{c[3]}")
 def test_adapter_lowp_within_2x_of_eager(monkeypatch, dtype, case):
-    have, _ = configs(dtype, "gemm")
+    have, _ = configs(dtype, ADAPTER_CONFIGS)
     for cfg in have:
         monkeypatch.setenv("FASTPEFT_CPU_CONFIG", cfg)
         _adapter_case(dtype, *case)
@@ -87,7 +91,7 @@ def test_adapter_lowp_within_2x_of_eager(monkeypatch, dtype, case):
 
 @pytest.mark.parametrize("dtype", LOWP, ids=lambda t: DTYPE_IDS[t])
 def test_adapter_lowp_missing_config_is_an_error(monkeypatch, dtype):
-    _, missing = configs(dtype, "gemm")
+    _, missing = configs(dtype, ADAPTER_CONFIGS)
     for cfg in missing + ["micro"]:  # fp32 configurations are not bf16 / fp16 ones
         monkeypatch.setenv("FASTPEFT_CPU_CONFIG", cfg)
         with pytest.raises(RuntimeError, match=f"FASTPEFT_CPU_CONFIG='{cfg}' is not a configuration"):
@@ -110,16 +114,14 @@ def test_adapter_lowp_nonfinite_scale(dtype):
 
 @pytest.mark.parametrize("dtype", LOWP, ids=lambda t: DTYPE_IDS[t])
 def test_adapter_lowp_tuned_deterministic(dtype):
-    """Big enough to be tuned (where there is a choice): chosen once per shape class, listed in
-    tune_table, and later calls bit-identical."""
+    """Big enough to be tuned: chosen once per shape class, listed in tune_table, and later calls
+    bit-identical."""
     torch.ops.fastpeft_cpu.tune_reset()
     outs = [_adapter_run(make_adapter(2048, 256, 64, dtype, "cpu"), "cpu", "gelu", 0.1, (),
                          torch.ones(2048, 256, dtype=torch.float64)) for _ in range(3)]
     for o in outs[1:]:
         for a, b in zip(outs[0], o):
             assert torch.equal(a, b)
-    if len(configs(dtype, "gemm")[0]) == 1:
-        return  # a single configuration (native GEMMs here): nothing to time
     name = {torch.bfloat16: "BFloat16", torch.float16: "Half"}[dtype]
     table = torch.ops.fastpeft_cpu.tune_table()
     assert any(e.startswith(f"adapter_fwd {name} M~2048 d=256 m=64 gelu drop") for e in table), table
@@ -164,7 +166,7 @@ PREFIX_CASES = [  # (B, H, Hkv, L, S, P, D, Bp, causal, mask, noncontig)
 @pytest.mark.parametrize("case", PREFIX_CASES, ids=lambda c: "B{}-H{}-Hkv{}-L{}-S{}-P{}-D{}-Bp{}".format(*c[:8]))
 def test_prefix_lowp_within_2x_of_eager(monkeypatch, dtype, case):
     B, H, Hkv, L, S, P, D, Bp, causal, mk, noncontig = case
-    have, _ = configs(dtype, "native")
+    have, _ = configs(dtype, PREFIX_CONFIGS)
     dout = torch.randn(B, H, L, D, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     m64 = make_mask(mk, B, H, L, S, torch.float64, "cpu")
     oracle = _prefix_run(make_prefix(B, H, Hkv, L, S, P, D, Bp, torch.float64, "cpu", noncontig), "reference",
@@ -183,7 +185,7 @@ def test_prefix_lowp_within_2x_of_eager(monkeypatch, dtype, case):
 
 @pytest.mark.parametrize("dtype", LOWP, ids=lambda t: DTYPE_IDS[t])
 def test_prefix_lowp_configs_and_determinism(monkeypatch, dtype):
-    have, missing = configs(dtype, "native")
+    have, missing = configs(dtype, PREFIX_CONFIGS)
     args = (2, 4, 2, 64, 128, 16, 64, 1, dtype, "cpu")
     dout = torch.randn(2, 4, 64, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     for cfg in have:
