@@ -9,6 +9,7 @@
 #include <dlfcn.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -76,8 +77,8 @@ inline void mm_aTb(int64_t M, int64_t N, int64_t K, T alpha, const T* a, int64_t
 // accumulation, through MKL's gemm_bf16bf16f32_ / gemm_f16f16f32_ (Fortran interface, same
 // arguments as sgemm_) where this torch's libtorch_cpu exports them (x86 wheels: AMX /
 // AVX512-BF16 kernels where the CPU has them). Looked up at run time, so a torch built on another
-// BLAS still loads; there the operands are widened into thread-local fp32 buffers and sgemm_
-// runs (lowp_blas_native() says which).
+// BLAS still loads; there (or with FASTPEFT_LOWP_BLAS=0) the operands are widened into
+// thread-local fp32 buffers and sgemm_ runs (lowp_blas_native() says which).
 using LowpGemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
                             const uint16_t*, const int*, const uint16_t*, const int*, const float*, float*,
                             const int*);
@@ -91,6 +92,9 @@ inline LowpGemmFn lowp_gemm_fn(bool half) {
   };
   static const LowpGemmFn bf = find("gemm_bf16bf16f32_");
   static const LowpGemmFn hf = find("gemm_f16f16f32_");
+  // FASTPEFT_LOWP_BLAS=0 takes the widening fallback (read per call: tests cover both paths).
+  const char* e = std::getenv("FASTPEFT_LOWP_BLAS");
+  if (e != nullptr && e[0] == '0') return nullptr;
   return half ? hf : bf;
 }
 

@@ -184,6 +184,16 @@ def test_prefix_lowp_within_2x_of_eager(monkeypatch, dtype, case):
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=lambda t: DTYPE_IDS[t])
+def test_prefix_lowp_without_mkl_mixed_gemm(monkeypatch, dtype):
+    """FASTPEFT_LOWP_BLAS=0: the path a torch without MKL's mixed-precision GEMMs takes (tiles
+    widened to fp32 for sgemm) meets the same bar."""
+    monkeypatch.setenv("FASTPEFT_LOWP_BLAS", "0")
+    assert not torch.ops.fastpeft_cpu.lowp_blas(dtype)
+    test_prefix_lowp_within_2x_of_eager(monkeypatch, dtype, PREFIX_CASES[0])
+    test_prefix_lowp_within_2x_of_eager(monkeypatch, dtype, PREFIX_CASES[1])
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=lambda t: DTYPE_IDS[t])
 def test_prefix_lowp_configs_and_determinism(monkeypatch, dtype):
     have, missing = configs(dtype, PREFIX_CONFIGS)
     args = (2, 4, 2, 64, 128, 16, 64, 1, dtype, "cpu")
