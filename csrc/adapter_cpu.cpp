@@ -637,7 +637,7 @@ std::tuple<Tensor, Tensor> lowp_fwd_gemm(const Tensor& x, const Tensor& Wd, cons
   Tensor h;
   AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "adapter_fwd", [&] { h = lowp_fwd_bottleneck<scalar_t>(z, act, dp, false); });
   Tensor u = has_bu ? at::addmm(*bu, h, Wu.t()) : at::mm(h, Wu.t());
-  return {at::addcmul(R, u, scale.unsqueeze(0)), z};
+  return {at::addcmul(R, u, scale.unsqueeze(0)).contiguous(), z};
 }
 
 BwdOut lowp_bwd_gemm(const Tensor& dy_in, const Tensor& x, const Tensor& Wd, const Tensor& Wu,
@@ -665,7 +665,7 @@ BwdOut lowp_bwd_gemm(const Tensor& dy_in, const Tensor& x, const Tensor& Wd, con
   Tensor dWd = at::mm(dzT, x);                                                // (m, d)
   Tensor dx = !need_x ? at::empty({0}, opts) : residual_is_x ? add_gemm_rows(dy, dz, Wd, blocked) : at::mm(dz, Wd);
   Tensor dbd = dbdf.to(st);
-  Tensor dWu = (G * sf.unsqueeze(1)).to(st);
+  Tensor dWu = (G * sf.unsqueeze(1)).to(st).contiguous();                     // (d, m) row-major
   Tensor dbu = (s * sf).to(st);
   Tensor ds = at::empty({0}, opts);
   if (need_scale) {

@@ -221,3 +221,66 @@ def test_lowp_info_lines():
     assert len(lines) == 2 and lines[0].startswith("GEMM bfloat16:") and lines[1].startswith("GEMM float16:")
     for dt, line in zip(LOWP, lines):
         assert ("native on this CPU" in line) == torch.ops.fastpeft_cpu.native_lowp_gemm(dt)
+
+
+# --- torch.library contract in bf16 / fp16 ----------------------------------------------------
+@pytest.mark.parametrize("dtype", LOWP, ids=lambda t: DTYPE_IDS[t])
+def test_opcheck_lowp(dtype):
+    x, Wd, bd, Wu, bu, _, R = [t.detach() if isinstance(t, torch.Tensor) else t
+                               for t in make_adapter(9, 24, 8, dtype, "cpu", residual=True)]
+    scale = torch.full((), 0.5, dtype=dtype).expand(24)
+    seed = torch.tensor(7, dtype=torch.int64)
+    for res in (None, R):
+        torch.library.opcheck(torch.ops.fastpeft.adapter_fwd.default,
+                              (x, Wd, bd, Wu, bu, scale, res, "gelu", 0.1, seed, "cpu"))
+        y, z = torch.ops.fastpeft.adapter_fwd(x, Wd, bd, Wu, bu, scale, res, "gelu", 0.1, seed, "cpu")
+        torch.library.opcheck(torch.ops.fastpeft.adapter_bwd.default,
+                              (torch.randn_like(y), x, Wd, Wu, bu, z, scale, "gelu", 0.1, seed, res is None, True,
+                               True, "cpu"))
+    q, k, v, pk, pv = [t.detach() for t in make_prefix(2, 4, 2, 5, 6, 3, 8, 1, dtype, "cpu")]
+    fwd_args = (q, k, v, pk, pv, None, True, 0.35, "cpu")
+    torch.library.opcheck(torch.ops.fastpeft.prefix_attention_fwd.default, fwd_args)
+    out, lse = torch.ops.fastpeft.prefix_attention_fwd(*fwd_args)
+    assert lse.dtype == torch.float32
+    torch.library.opcheck(torch.ops.fastpeft.prefix_attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, pk, pv, None, out, lse, True, 0.35, "cpu"))
+
+
+# --- fp16 training with GradScaler ------------------------------------------------------------
+def test_fp16_autocast_gradscaler_skips_inf_steps():
+    """fp32 master parameters, fp16 autocast, GradScaler: a step whose fp16 gradients overflow is
+    skipped (parameters untouched, scale halved); a finite step updates the parameters."""
+    g = torch.Generator().manual_seed(0)
+    d, m, H, D, P = 32, 8, 2, 16, 3
+    params = dict(Wd=torch.randn(m, d, generator=g) * d ** -0.5, bd=torch.zeros(m),
+                  Wu=torch.randn(d, m, generator=g) * m ** -0.5, bu=torch.zeros(d),
+                  pk=torch.randn(1, H, P, D, generator=g), pv=torch.randn(1, H, P, D, generator=g))
+    params = {k: torch.nn.Parameter(v) for k, v in params.items()}
+    opt = torch.optim.SGD(params.values(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x = torch.randn(2, 5, d, generator=g)
+
+    def loss_fn(mult):
+        with torch.autocast("cpu", dtype=torch.float16):
+            h = fastpeft.adapter(x, params["Wd"], params["bd"], params["Wu"], params["bu"], "gelu", 0.5,
+                                 backend="cpu")
+            assert h.dtype == torch.float16
+            q = h.view(2, 5, H, D).transpose(1, 2)
+            out = fastpeft.prefix_attention(q, q, q, params["pk"], params["pv"], backend="cpu")
+            return out.float().sum() * mult
+
+    before = {k: p.detach().clone() for k, p in params.items()}
+    opt.zero_grad()
+    scaler.scale(loss_fn(1e30)).backward()  # fp16 gradients overflow
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0 ** 9
+    for k, p in params.items():
+        assert torch.equal(p.detach(), before[k]), k
+    opt.zero_grad()
+    scaler.scale(loss_fn(1.0)).backward()
+    for k, p in params.items():
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), k
+    scaler.step(opt)
+    scaler.update()
+    assert any(not torch.equal(p.detach(), before[k]) for k, p in params.items())
