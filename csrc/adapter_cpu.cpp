@@ -22,7 +22,8 @@
 // call for a given thread count (a dynamic hand-out of blocks, used before, summed them in an
 // order that changed from call to call).
 // Backward recomputes act(z) and the dropout mask from z (nothing else is saved).
-// fp32/fp64 compute natively; fp16/bf16 are upcast to fp32 and the results cast back.
+// fp32/fp64 compute natively; bf16/fp16: see "bf16 / fp16" below (whole-M low-precision GEMMs,
+// fp32 bottleneck math; "upcast" to fp32 a timed configuration where the CPU lacks them).
 // Measured: `python -m fastpeft bench --op adapter` (README).
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -406,16 +407,276 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   return {dx, dWd, dbd, dWu, dbu, ds};
 }
 
-at::ScalarType compute_type(const Tensor& x) {
+void check_dtype(const Tensor& x) {
   auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
               "adapter: x must be a floating tensor, got ", st);
-  return (st == at::kDouble) ? at::kDouble : at::kFloat;
 }
+
+bool is_half(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
 c10::optional<Tensor> opt_to(const c10::optional<Tensor>& t, at::ScalarType ct) {
   if (t.has_value() && t->defined()) return to_compute(*t, ct);
   return c10::nullopt;
+}
+
+// fp32 / fp64 (operands already in that dtype): the tuned path for this shape class.
+// obey_forced = false for the "upcast" configuration of a bf16 / fp16 call (tune.h).
+std::tuple<Tensor, Tensor> fwd_tuned(const Tensor& x, const Tensor& Wd, const c10::optional<Tensor>& bd,
+                                     const Tensor& Wu, const c10::optional<Tensor>& bu, const Tensor& sc,
+                                     const c10::optional<Tensor>& R, const std::string& activation, Act act,
+                                     const Dropout& dp, bool obey_forced) {
+  std::tuple<Tensor, Tensor> out;
+  const int64_t M = x.size(0), d = x.size(1), m = Wd.size(0);
+  const double work = 2.0 * M * d * m;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_fwd", [&] {
+    const auto paths = adapter_paths<scalar_t>(x.scalar_type(), m);
+    auto run = [&](int i) { return fwd_impl<scalar_t>(x, Wd, bd, Wu, bu, sc, R, act, dp, paths[i]); };
+    const int pick = fastpeft::tuned_choice(adapter_key("adapter_fwd", x, M, d, m, activation, dp.on, paths),
+                                            path_names(paths), work, [&](int i) { run(i); }, obey_forced);
+    out = run(pick);
+  });
+  return out;
+}
+
+using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+BwdOut bwd_tuned(const Tensor& dy, const Tensor& x, const Tensor& Wd, const Tensor& Wu,
+                 const c10::optional<Tensor>& bu, const Tensor& z, const Tensor& sc, const std::string& activation,
+                 Act act, const Dropout& dp, bool residual_is_x, bool need_x, bool need_scale, bool obey_forced) {
+  BwdOut out;
+  const int64_t M = x.size(0), d = x.size(1), m = Wd.size(0);
+  const double work = (need_x ? 4.0 : 3.0) * M * d * m;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "adapter_bwd", [&] {
+    const auto paths = adapter_paths<scalar_t>(x.scalar_type(), m);
+    auto run = [&](int i) {
+      return bwd_impl<scalar_t>(dy, x, Wd, Wu, bu, z, sc, act, dp, residual_is_x, need_x, need_scale, paths[i]);
+    };
+    const std::string key = adapter_key("adapter_bwd", x, M, d, m, activation, dp.on, paths) +
+                            (need_x ? " dx" : "") + (residual_is_x ? " res" : "");
+    const int pick = fastpeft::tuned_choice(key, path_names(paths), work, [&](int i) { run(i); }, obey_forced);
+    out = run(pick);
+  });
+  return out;
+}
+
+// ----------------------------------------------------------------------------------------
+// bf16 / fp16. Configurations (tune.h names):
+//   "gemm"    native: the six big products (x·Wdᵀ, [h, 1]·Wc; dy·Wus, [h, 1]ᵀ·dy, dzᵀ·x, dz·Wd)
+//             are whole-M ATen GEMMs on the bf16 / fp16 tensors themselves (ATen hands them to
+//             oneDNN: AMX / AVX512-BF16 kernels where the CPU has them; fp32 accumulation over
+//             the whole reduction, each output rounded once), so nothing of size M·d is ever
+//             widened or copied to fp32. The bottleneck (M, m) work - activation, dropout mask,
+//             act' - runs in fp32 in one pass over row blocks (block-sized fp32 scratch), rounded
+//             once into the GEMM operands. Biases ride the GEMMs: h gets a column of ones and the
+//             folded up weight a row, Wc = [scale ⊙ Wu | scale ⊙ bu]ᵀ, so y = R + [h, 1]·Wc is one
+//             GEMM onto R (as is dx = dy + dz·Wd), and in backward row m of [h, 1]ᵀ·dy is
+//             colsum(dy). Folded weights and the small gradients (dbd, dWu, dbu, d_scale) are
+//             formed in fp32 and rounded once.
+//   "gemm+blocked"  the same, with the two "R + a·b" products by row blocks (add_gemm_rows).
+//   "upcast"  the fp32 op on fp32 copies of every operand, results rounded back: a candidate
+//             only where fastpeft::native_lowp_gemm(dtype) is false (no AMX / AVX512-BF16 for
+//             bf16, no AMX-FP16 for fp16), where fp32 GEMMs can be the faster ones.
+// Measured (Intel Xeon with AMX-BF16, 2 threads, M=8192 d=768 m=64 GELU, fwd+bwd, interleaved):
+// 1.13x faster than eager bf16 (both bound by the same GEMMs; the two reductions over M cost as
+// much as every elementwise pass saved), "gemm" chosen over "gemm+blocked"; README.
+struct LowpCfg {
+  bool upcast;
+  bool blocked = false;  // the two "R + a·b" products by row blocks (add_gemm_rows)
+  std::string name() const { return upcast ? "upcast" : blocked ? "gemm+blocked" : "gemm"; }
+};
+
+std::vector<LowpCfg> lowp_candidates(at::ScalarType st) {
+  std::vector<LowpCfg> out{{false, false}, {false, true}};
+  if (!fastpeft::native_lowp_gemm(st)) out.push_back({true});
+  return out;
+}
+
+std::vector<std::string> lowp_names(const std::vector<LowpCfg>& c) {
+  std::vector<std::string> n;
+  for (const auto& x : c) n.push_back(x.name());
+  return n;
+}
+
+std::string lowp_key(const char* op, const Tensor& x, int64_t M, int64_t d, int64_t m, const std::string& act,
+                     bool drop, const std::vector<LowpCfg>& c) {
+  std::string k = std::string(op) + " " + c10::toString(x.scalar_type()) + " M~" +
+                  std::to_string(fastpeft::row_class(M)) + " d=" + std::to_string(d) + " m=" + std::to_string(m) +
+                  " " + act + (drop ? " drop" : "") + " threads=" + std::to_string(at::get_num_threads()) + " [";
+  for (size_t i = 0; i < c.size(); ++i) k += (i ? "," : "") + c[i].name();
+  return k + "]";
+}
+
+// The bottleneck (M, m) work of the bf16 / fp16 path, in one pass over row blocks of kLowpRows
+// with fp32 scratch of one block (no (M, m) fp32 tensor is allocated; fresh multi-MB buffers
+// page-fault on every call):
+//   forward : h = drop(act(z)) -> hc (M, m (+1)) in S, [h, 1] when `ones`;
+//   backward: h as above -> hcT (m + 1, M) = [h, 1]ᵀ; dz = (dh ⊙ mask) ⊙ act'(z) -> dz (M, m) and
+//             dzT (m, M) in S; dbd partials per block (summed in block order after: deterministic).
+constexpr int64_t kLowpRows = 256;
+
+// dst rows j = 0..m-1 at dst + j·ld get column j of the fp32 block src (rows × m), rounded once.
+template <typename S>
+void store_cols(const float* src, int64_t rows, int64_t m, S* dst, int64_t ld, float* col) {
+  for (int64_t j = 0; j < m; ++j) {
+    for (int64_t r = 0; r < rows; ++r) col[r] = src[r * m + j];
+    store_rows<S, float, kOuterVB>(col, dst + j * ld, rows);
+  }
+}
+
+// hb = drop(act(z rows [r0, r0+nr))) in fp32; mult (when dropout is on) gets the block's mask.
+template <typename S>
+void block_h(const S* zp, int64_t r0, int64_t nr, int64_t m, Act act, const Dropout& dp, Tensor& zb, Tensor& hb,
+             Tensor& mult) {
+  widen_rows<float, kOuterVB>(zp + r0 * m, m, nr, m, zb.data_ptr<float>());
+  act_fwd(act, hb, zb);
+  if (dp.on) {
+    dropout_mult<float>(dp, mult.data_ptr<float>(), r0, nr, m);
+    hb.mul_(mult);
+  }
+}
+
+template <typename S>
+Tensor lowp_fwd_bottleneck(const Tensor& z, Act act, const Dropout& dp, bool ones) {
+  const int64_t M = z.size(0), m = z.size(1), mc = m + (ones ? 1 : 0);
+  Tensor hc = at::empty({M, mc}, z.options());
+  const S* zp = z.data_ptr<S>();
+  S* hp = hc.data_ptr<S>();
+  const auto fo = z.options().dtype(at::kFloat);
+  at::parallel_for(0, (M + kLowpRows - 1) / kLowpRows, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad;
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kLowpRows, nr = std::min(kLowpRows, M - r0);
+      Tensor zb = at::empty({nr, m}, fo), hb = at::empty({nr, m}, fo), mult = dp.on ? at::empty({nr, m}, fo) : Tensor();
+      block_h<S>(zp, r0, nr, m, act, dp, zb, hb, mult);
+      const float* h = hb.data_ptr<float>();
+      for (int64_t r = 0; r < nr; ++r) {
+        store_rows<S, float, kOuterVB>(h + r * m, hp + (r0 + r) * mc, m);
+        if (ones) hp[(r0 + r) * mc + m] = static_cast<S>(1.0f);
+      }
+    }
+  });
+  return hc;
+}
+
+// Returns hcT (m + 1, M), dz (M, m), dzT (m, M) in S and dbd (m,) in fp32.
+template <typename S>
+std::tuple<Tensor, Tensor, Tensor, Tensor> lowp_bwd_bottleneck(const Tensor& z, const Tensor& dh, Act act,
+                                                               const Dropout& dp) {
+  const int64_t M = z.size(0), m = z.size(1), nblk = (M + kLowpRows - 1) / kLowpRows;
+  const auto fo = z.options().dtype(at::kFloat);
+  Tensor hcT = at::empty({m + 1, M}, z.options()), dz = at::empty({M, m}, z.options()),
+         dzT = at::empty({m, M}, z.options());
+  Tensor dbd_part = at::zeros({std::max<int64_t>(nblk, 1), m}, fo);
+  const S* zp = z.data_ptr<S>();
+  const S* dhp = dh.data_ptr<S>();
+  S *hT = hcT.data_ptr<S>(), *dzp = dz.data_ptr<S>(), *dzTp = dzT.data_ptr<S>();
+  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+    at::NoGradGuard no_grad;
+    std::vector<float> col(kLowpRows);
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t r0 = blk * kLowpRows, nr = std::min(kLowpRows, M - r0);
+      Tensor zb = at::empty({nr, m}, fo), hb = at::empty({nr, m}, fo), mult = dp.on ? at::empty({nr, m}, fo) : Tensor();
+      Tensor dhb = at::empty({nr, m}, fo), dzb = at::empty({nr, m}, fo);
+      block_h<S>(zp, r0, nr, m, act, dp, zb, hb, mult);
+      widen_rows<float, kOuterVB>(dhp + r0 * m, m, nr, m, dhb.data_ptr<float>());
+      if (dp.on) dhb.mul_(mult);
+      act_bwd(act, dzb, dhb, zb);
+      const float* dzf = dzb.data_ptr<float>();
+      store_cols<S>(hb.data_ptr<float>(), nr, m, hT + r0, M, col.data());
+      std::fill(hT + m * M + r0, hT + m * M + r0 + nr, static_cast<S>(1.0f));
+      store_cols<S>(dzf, nr, m, dzTp + r0, M, col.data());
+      store_rows<S, float, kOuterVB>(dzf, dzp + r0 * m, nr * m);
+      float* db = dbd_part.data_ptr<float>() + blk * m;
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < m; ++j) db[j] += dzf[r * m + j];
+    }
+  });
+  return {hcT, dz, dzT, dbd_part.sum(0)};
+}
+
+// out = R + a·b (out, R: (M, N) in S; a: (M, K); b: (K, N)). Whole-M: one addmm (ATen copies
+// R into out, then one multi-threaded GEMM accumulates: an extra pass over out). Blocked: row
+// blocks of about 1.5 MiB in fixed chunks, each copying R_blk into out_blk and accumulating a
+// single-threaded GEMM onto it while it is in cache (no extra pass, but per-call GEMM costs).
+// Which is faster depends on the CPU and the shape: timed ("gemm" / "gemm+blocked").
+Tensor add_gemm_rows(const Tensor& R, const Tensor& a, const Tensor& b, bool blocked) {
+  if (!blocked) return at::addmm(R, a, b);
+  const int64_t M = R.size(0), N = R.size(1);
+  Tensor out = at::empty({M, N}, R.options());
+  if (M == 0) return out;
+  const int nth = std::max(1, at::get_num_threads());
+  const int64_t BR = block_rows(M, N, R.element_size(), nth);
+  const int64_t nblk = (M + BR - 1) / BR;
+  for_chunks(nblk, num_chunks(nblk, nth), [&](int, int64_t blk) {
+    const int64_t r0 = blk * BR, nr = std::min(BR, M - r0);
+    Tensor ob = out.narrow(0, r0, nr);
+    ob.copy_(R.narrow(0, r0, nr));
+    fastpeft::gemm(a.narrow(0, r0, nr), b, ob, 1.0, 1.0);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> lowp_fwd_gemm(const Tensor& x, const Tensor& Wd, const c10::optional<Tensor>& bd,
+                                         const Tensor& Wu, const c10::optional<Tensor>& bu, const Tensor& scale,
+                                         const c10::optional<Tensor>& residual, Act act, const Dropout& dp,
+                                         bool blocked) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto st = x.scalar_type();
+  const bool has_bd = bd.has_value() && bd->defined(), has_bu = bu.has_value() && bu->defined();
+  const Tensor R = residual.has_value() && residual->defined() ? *residual : x;
+  Tensor z = has_bd ? at::addmm(*bd, x, Wd.t()) : at::mm(x, Wd.t());        // (M, m) in S
+  const Tensor sf = scale.to(at::kFloat);
+  if (all_finite<float>(sf.contiguous())) {
+    // Folded in fp32, rounded once: Wc = [scale ⊙ Wu | scale ⊙ bu]ᵀ (m (+1), d).
+    Tensor Wc = (Wu.to(at::kFloat) * sf.unsqueeze(1)).t();
+    if (has_bu) Wc = at::cat({Wc, (sf * bu->to(at::kFloat)).unsqueeze(0)}, 0);
+    Tensor hc;
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "adapter_fwd", [&] { hc = lowp_fwd_bottleneck<scalar_t>(z, act, dp, has_bu); });
+    Tensor y = add_gemm_rows(R, hc, Wc.to(st), blocked);                     // y = R + [h, 1]·Wc
+    return {y, z};
+  }
+  // A non-finite scale entry: u = h·Wuᵀ + bu kept whole, y = R + scale ⊙ u (the reference's order).
+  Tensor h;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "adapter_fwd", [&] { h = lowp_fwd_bottleneck<scalar_t>(z, act, dp, false); });
+  Tensor u = has_bu ? at::addmm(*bu, h, Wu.t()) : at::mm(h, Wu.t());
+  return {at::addcmul(R, u, scale.unsqueeze(0)).contiguous(), z};
+}
+
+BwdOut lowp_bwd_gemm(const Tensor& dy_in, const Tensor& x, const Tensor& Wd, const Tensor& Wu,
+                     const c10::optional<Tensor>& bu, const Tensor& z, const Tensor& scale, Act act, const Dropout& dp,
+                     bool residual_is_x, bool need_x, bool need_scale, bool blocked) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto st = x.scalar_type();
+  const auto opts = x.options();
+  const int64_t m = Wd.size(0);
+  const Tensor dy = dy_in.stride(-1) == 1 ? dy_in : dy_in.contiguous();
+  const Tensor sf = scale.to(at::kFloat);
+  const Tensor Wuf = Wu.to(at::kFloat);
+  const Tensor Wus = (Wuf * sf.unsqueeze(1)).to(st);                         // (d, m), rounded once
+  const Tensor dh = at::mm(dy, Wus);                                          // (M, m) in S
+  // hᵀ / dzᵀ come stored transposed (contiguous rows of M) for the reductions over M: ~25%
+  // faster GEMMs than the transposed views of h / dz.
+  Tensor hcT, dz, dzT, dbdf;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(st, "adapter_bwd", [&] {
+    std::tie(hcT, dz, dzT, dbdf) = lowp_bwd_bottleneck<scalar_t>(z.contiguous(), dh, act, dp);
+  });
+  // [h, 1]ᵀ·dy: rows 0..m-1 are Gᵀ = hᵀ·dy, row m is colsum(dy).
+  const Tensor GTs = at::mm(hcT, dy);                                         // (m + 1, d) in S
+  const Tensor G = GTs.narrow(0, 0, m).t().to(at::kFloat);                    // (d, m)
+  const Tensor s = GTs.select(0, m).to(at::kFloat);                           // (d,)
+  Tensor dWd = at::mm(dzT, x);                                                // (m, d)
+  Tensor dx = !need_x ? at::empty({0}, opts) : residual_is_x ? add_gemm_rows(dy, dz, Wd, blocked) : at::mm(dz, Wd);
+  Tensor dbd = dbdf.to(st);
+  Tensor dWu = (G * sf.unsqueeze(1)).to(st).contiguous();                     // (d, m) row-major
+  Tensor dbu = (s * sf).to(st);
+  Tensor ds = at::empty({0}, opts);
+  if (need_scale) {
+    Tensor dsf = (Wuf * G).sum(1);
+    if (bu.has_value() && bu->defined()) dsf.add_(bu->to(at::kFloat) * s);
+    ds = dsf.to(st);
+  }
+  return {dx, dWd, dbd, dWu, dbu, ds};
 }
 
 std::tuple<Tensor, Tensor> adapter_fwd(const Tensor& x, const Tensor& down_weight,
@@ -425,59 +686,68 @@ std::tuple<Tensor, Tensor> adapter_fwd(const Tensor& x, const Tensor& down_weigh
                                        double dropout_p, const c10::optional<Tensor>& seed) {
   TORCH_CHECK(x.dim() == 2 && down_weight.dim() == 2 && up_weight.dim() == 2, "adapter_fwd: 2-D x and weights");
   TORCH_CHECK(x.device().is_cpu(), "adapter_fwd (C++): CPU tensors only");
+  check_dtype(x);
   const Act act = parse_act(activation);
   const Dropout dp = make_dropout(dropout_p, seed);
-  const auto ct = compute_type(x);
-  Tensor xc = to_compute(x, ct);
-  Tensor Wd = to_compute(down_weight, ct), Wu = to_compute(up_weight, ct), sc = to_compute(scale, ct);
-  auto bd = opt_to(down_bias, ct), bu = opt_to(up_bias, ct), R = opt_to(residual, ct);
-  std::tuple<Tensor, Tensor> out;
-  const int64_t M = xc.size(0), d = xc.size(1), m = Wd.size(0);
-  const double work = 2.0 * M * d * m;
-  AT_DISPATCH_FLOATING_TYPES(ct, "adapter_fwd", [&] {
-    const auto paths = adapter_paths<scalar_t>(ct, m);
-    auto run = [&](int i) { return fwd_impl<scalar_t>(xc, Wd, bd, Wu, bu, sc, R, act, dp, paths[i]); };
-    const int pick = fastpeft::tuned_choice(adapter_key("adapter_fwd", xc, M, d, m, activation, dp.on, paths),
-                                            path_names(paths), work, [&](int i) { run(i); });
-    out = run(pick);
-  });
-  if (x.scalar_type() != ct) {
-    return {std::get<0>(out).to(x.scalar_type()), std::get<1>(out).to(x.scalar_type())};
+  if (!is_half(x)) {
+    const auto ct = x.scalar_type();
+    return fwd_tuned(to_compute(x, ct), to_compute(down_weight, ct), opt_to(down_bias, ct),
+                     to_compute(up_weight, ct), opt_to(up_bias, ct), to_compute(scale, ct), opt_to(residual, ct),
+                     activation, act, dp, true);
   }
-  return out;
+  const auto st = x.scalar_type();
+  const int64_t M = x.size(0), d = x.size(1), m = down_weight.size(0);
+  const auto cands = lowp_candidates(st);
+  auto run = [&](int i) -> std::tuple<Tensor, Tensor> {
+    if (cands[i].upcast) {
+      const auto f = at::kFloat;
+      auto [y, z] = fwd_tuned(to_compute(x, f), to_compute(down_weight, f), opt_to(down_bias, f),
+                              to_compute(up_weight, f), opt_to(up_bias, f), to_compute(scale, f),
+                              opt_to(residual, f), activation, act, dp, false);
+      return {y.to(st), z.to(st)};
+    }
+    return lowp_fwd_gemm(x, down_weight, down_bias, up_weight, up_bias, scale, residual, act, dp, cands[i].blocked);
+  };
+  const int pick = fastpeft::tuned_choice(lowp_key("adapter_fwd", x, M, d, m, activation, dp.on, cands),
+                                          lowp_names(cands), 2.0 * M * d * m, [&](int i) { run(i); });
+  return run(pick);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> adapter_bwd(
-    const Tensor& dy, const Tensor& x, const Tensor& down_weight, const Tensor& up_weight,
-    const c10::optional<Tensor>& up_bias, const Tensor& z, const Tensor& scale, std::string activation,
-    double dropout_p, const c10::optional<Tensor>& seed, bool residual_is_x, bool need_x, bool need_scale) {
+BwdOut adapter_bwd(const Tensor& dy, const Tensor& x, const Tensor& down_weight, const Tensor& up_weight,
+                   const c10::optional<Tensor>& up_bias, const Tensor& z, const Tensor& scale, std::string activation,
+                   double dropout_p, const c10::optional<Tensor>& seed, bool residual_is_x, bool need_x,
+                   bool need_scale) {
   TORCH_CHECK(x.dim() == 2 && dy.dim() == 2 && z.dim() == 2, "adapter_bwd: 2-D dy, x and z");
   TORCH_CHECK(x.device().is_cpu(), "adapter_bwd (C++): CPU tensors only");
+  check_dtype(x);
   const Act act = parse_act(activation);
   const Dropout dp = make_dropout(dropout_p, seed);
-  const auto ct = compute_type(x);
-  Tensor dyc = to_compute(dy, ct), xc = to_compute(x, ct), zc = to_compute(z, ct);
-  Tensor Wd = to_compute(down_weight, ct), Wu = to_compute(up_weight, ct), sc = to_compute(scale, ct);
-  auto bu = opt_to(up_bias, ct);
-  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> out;
-  const int64_t M = xc.size(0), d = xc.size(1), m = Wd.size(0);
-  const double work = (need_x ? 4.0 : 3.0) * M * d * m;
-  AT_DISPATCH_FLOATING_TYPES(ct, "adapter_bwd", [&] {
-    const auto paths = adapter_paths<scalar_t>(ct, m);
-    auto run = [&](int i) {
-      return bwd_impl<scalar_t>(dyc, xc, Wd, Wu, bu, zc, sc, act, dp, residual_is_x, need_x, need_scale, paths[i]);
-    };
-    const std::string key = adapter_key("adapter_bwd", xc, M, d, m, activation, dp.on, paths) +
-                            (need_x ? " dx" : "") + (residual_is_x ? " res" : "");
-    const int pick = fastpeft::tuned_choice(key, path_names(paths), work, [&](int i) { run(i); });
-    out = run(pick);
-  });
-  if (x.scalar_type() != ct) {
-    auto st = x.scalar_type();
-    return {std::get<0>(out).to(st), std::get<1>(out).to(st), std::get<2>(out).to(st),
-            std::get<3>(out).to(st), std::get<4>(out).to(st), std::get<5>(out).to(st)};
+  if (!is_half(x)) {
+    const auto ct = x.scalar_type();
+    return bwd_tuned(to_compute(dy, ct), to_compute(x, ct), to_compute(down_weight, ct), to_compute(up_weight, ct),
+                     opt_to(up_bias, ct), to_compute(z, ct), to_compute(scale, ct), activation, act, dp,
+                     residual_is_x, need_x, need_scale, true);
   }
-  return out;
+  const auto st = x.scalar_type();
+  const int64_t M = x.size(0), d = x.size(1), m = down_weight.size(0);
+  const auto cands = lowp_candidates(st);
+  auto run = [&](int i) -> BwdOut {
+    if (cands[i].upcast) {
+      const auto f = at::kFloat;
+      auto [dx, dWd, dbd, dWu, dbu, ds] =
+          bwd_tuned(to_compute(dy, f), to_compute(x, f), to_compute(down_weight, f), to_compute(up_weight, f),
+                    opt_to(up_bias, f), to_compute(z, f), to_compute(scale, f), activation, act, dp, residual_is_x,
+                    need_x, need_scale, false);
+      return {dx.to(st), dWd.to(st), dbd.to(st), dWu.to(st), dbu.to(st), ds.to(st)};
+    }
+    return lowp_bwd_gemm(dy, x, down_weight, up_weight, up_bias, z, scale, act, dp, residual_is_x, need_x,
+                         need_scale, cands[i].blocked);
+  };
+  const std::string key = lowp_key("adapter_bwd", x, M, d, m, activation, dp.on, cands) + (need_x ? " dx" : "") +
+                          (residual_is_x ? " res" : "");
+  const int pick = fastpeft::tuned_choice(key, lowp_names(cands), (need_x ? 4.0 : 3.0) * M * d * m,
+                                          [&](int i) { run(i); });
+  return run(pick);
 }
 
 }  // namespace

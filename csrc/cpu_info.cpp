@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "blas.h"
 #include "gemm.h"
 #include "tune.h"
 
@@ -22,6 +23,15 @@ std::vector<std::string> gemm_libs() {
   return out;
 }
 
+// Does this CPU run GEMMs of `dtype` natively (gemm.h native_lowp_gemm)? The bf16 / fp16 paths
+// of lora, adapter and prefix_attention offer "upcast" (fp32 copies) as a timed alternative only
+// where this is false.
+bool native_lowp_gemm(at::ScalarType dtype) { return fastpeft::native_lowp_gemm(dtype); }
+
+// Whether MKL's mixed-precision GEMMs (gemm_bf16bf16f32 / gemm_f16f16f32) are exported by this
+// torch (blas.h; else prefix_attention's native bf16 / fp16 path widens its tiles for sgemm).
+bool lowp_blas(at::ScalarType dtype) { return fastpeft::blas::lowp_blas_native(dtype == at::kHalf); }
+
 std::vector<std::string> tune_table() { return fastpeft::tune_table(); }
 
 void tune_reset() { fastpeft::tune_reset(); }
@@ -31,5 +41,7 @@ void tune_reset() { fastpeft::tune_reset(); }
 TORCH_LIBRARY_FRAGMENT(fastpeft_cpu, m) {
   m.def("gemm_libs() -> str[]", &gemm_libs);
   m.def("tune_table() -> str[]", &tune_table);
+  m.def("native_lowp_gemm(ScalarType dtype) -> bool", &native_lowp_gemm);
+  m.def("lowp_blas(ScalarType dtype) -> bool", &lowp_blas);
   m.def("tune_reset() -> ()", &tune_reset);
 }

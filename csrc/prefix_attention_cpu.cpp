@@ -21,8 +21,13 @@
 //             fixed chunk of tasks per thread) that are summed in chunk order at the end
 //             (2·nthreads·Hkv·P·D floats): bit-identical results from call to call.
 //   GEMMs are the BLAS that libtorch_cpu exports (sgemm_/dgemm_, MKL here), called single-
-//   threaded inside at::parallel_for; exp is a vectorised Cephes polynomial. fp16/bf16 inputs
-//   are upcast once and computed in fp32 (lse is float32; float64 for float64 inputs).
+//   threaded inside at::parallel_for; exp is a vectorised Cephes polynomial. bf16 / fp16 run
+//   natively: q/k/v/dout read in place by MKL's mixed-precision GEMMs (gemm_bf16bf16f32 /
+//   gemm_f16f16f32: bf16/fp16 operands, fp32 accumulation; blas.h), scores, softmax, lse and
+//   all accumulators in fp32, P and dS rounded to the input dtype only as GEMM operands, each
+//   output / gradient rounded once. "upcast" (fp32 copies) is a timed alternative only where
+//   fastpeft::native_lowp_gemm(dtype) is false (see lowp_candidates). lse is float32 (float64
+//   for float64 inputs).
 //   Allocations: only the outputs plus the per-thread tiles; nothing of the concatenated size.
 //
 // Why (b), first measured on this shared 2-core box (load average ~8 from other jobs, so absolute
@@ -53,15 +58,22 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "gemm.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
 #include "blas.h"
+#include "rank_kernels.h"
+#include "tune.h"
 
 
 namespace {
@@ -126,15 +138,43 @@ struct Dims {
 
 constexpr int64_t kBlockM = 64;  // query rows per tile: the score tile BM×(P+S) stays in L2
 
+// Storage type S (q, k, v, outputs, gradients) and compute type Acc<S> (scores, softmax, lse,
+// accumulators): bf16 / fp16 are read in place by the mixed-precision GEMMs of blas.h (fp32
+// accumulation), every score and probability is fp32, and the probability / dS tiles are
+// rounded to S only as the operand of the next GEMM (as flash attention does in bf16).
+template <typename S>
+using Acc = typename std::conditional<std::is_same<S, double>::value, double, float>::type;
+
+// n values rounded (or copied) from T to S.
+template <typename S, typename T>
+inline void store(const T* src, S* dst, int64_t n) {
+  if constexpr (std::is_same<S, T>::value) {
+    std::copy(src, src + n, dst);
+  } else {
+    fastpeft::rk::store_rows<S, T, fastpeft::rk::kOuterVB>(src, dst, n);
+  }
+}
+
+// The GEMM operand view of a compute-type tile: itself when S == T, else rounded into buf.
+template <typename S, typename T>
+inline const S* operand(const T* src, S* buf, int64_t rows, int64_t cols, int64_t ld) {
+  if constexpr (std::is_same<S, T>::value) {
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) store<S, T>(src + r * ld, buf + r * ld, cols);
+    return buf;
+  }
+}
+
 // Scaled, masked scores of query rows [i0, i0+Mq) of head (b, h) against [prefix ; main keys
 // 0..Nm) into s (ld = P + S). Returns Nm, the number of main keys the tile can see.
-template <typename T, typename M>
-int64_t scores(const Dims& d, const Rows<T>& q, const Rows<T>& k, const Rows<T>& pk, const M* mask,
+template <typename S, typename M, typename T = Acc<S>>
+int64_t scores(const Dims& d, const Rows<S>& q, const Rows<S>& k, const Rows<S>& pk, const M* mask,
                const int64_t* ms, int64_t b, int64_t h, int64_t i0, int64_t Mq, T scale, T* s) {
   const int64_t ld = d.P + d.S, hk = h / d.G;
   const int64_t Nm = d.causal ? std::min(d.S, i0 + Mq) : d.S;
-  mm_abT<T>(Mq, d.P, d.D, scale, q.at(b, h, i0), q.sr, pk.at(b, hk, 0), pk.sr, T(0), s, ld);
-  mm_abT<T>(Mq, Nm, d.D, scale, q.at(b, h, i0), q.sr, k.at(b, hk, 0), k.sr, T(0), s + d.P, ld);
+  mm_abT(Mq, d.P, d.D, scale, q.at(b, h, i0), q.sr, pk.at(b, hk, 0), pk.sr, T(0), s, ld);
+  mm_abT(Mq, Nm, d.D, scale, q.at(b, h, i0), q.sr, k.at(b, hk, 0), k.sr, T(0), s + d.P, ld);
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t r = 0; r < Mq; ++r) {
     const int64_t i = i0 + r;
@@ -153,10 +193,12 @@ int64_t scores(const Dims& d, const Rows<T>& q, const Rows<T>& k, const Rows<T>&
   return Nm;
 }
 
-template <typename T, typename M>
+template <typename S, typename M>
 void fwd_impl(const Dims& d, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& pk_,
-              const Tensor& pv_, const Tensor* mask_t, T scale, Tensor& out, Tensor& lse) {
-  const Rows<T> q = rows<T>(q_), k = rows<T>(k_), v = rows<T>(v_), pk = rows<T>(pk_), pv = rows<T>(pv_);
+              const Tensor& pv_, const Tensor* mask_t, Acc<S> scale, Tensor& out, Tensor& lse) {
+  using T = Acc<S>;
+  constexpr bool lowp = !std::is_same<S, T>::value;
+  const Rows<S> q = rows<S>(q_), k = rows<S>(k_), v = rows<S>(v_), pk = rows<S>(pk_), pv = rows<S>(pv_);
   const M* mask = mask_t ? mask_t->data_ptr<M>() : nullptr;
   int64_t ms[4] = {0, 0, 0, 0};
   if (mask_t)
@@ -168,15 +210,19 @@ void fwd_impl(const Dims& d, const Tensor& q_, const Tensor& k_, const Tensor& v
   const int64_t want = std::max<int64_t>((d.L + cap - 1) / cap, (4 * nt + d.B * d.H - 1) / (d.B * d.H));
   const int64_t nb0 = std::min<int64_t>(want, d.L);
   const int64_t BM = (d.L + nb0 - 1) / nb0, nblk = (d.L + BM - 1) / BM;
-  std::vector<T> scratch(static_cast<size_t>(nt) * BM * ld);
-  T* o = out.data_ptr<T>();
+  std::vector<T> scratch(static_cast<size_t>(nt) * BM * (ld + (lowp ? d.D : 0)));
+  std::vector<S> pbuf(lowp ? static_cast<size_t>(nt) * BM * ld : 0);  // P rounded to S
+  S* o = out.data_ptr<S>();
   T* l = lse.data_ptr<T>();
   at::parallel_for(0, d.B * d.H * nblk, 1, [&](int64_t begin, int64_t end) {
-    T* s = scratch.data() + static_cast<int64_t>(at::get_thread_num()) * BM * ld;
+    const int64_t tid = at::get_thread_num();
+    T* s = scratch.data() + tid * BM * (ld + (lowp ? d.D : 0));
+    T* otile = s + BM * ld;  // lowp: the fp32 output tile
+    S* pb = lowp ? pbuf.data() + tid * BM * ld : nullptr;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (d.H * nblk), h = (t / nblk) % d.H, i0 = (t % nblk) * BM;
       const int64_t Mq = std::min(BM, d.L - i0), hk = h / d.G;
-      const int64_t Nm = scores<T, M>(d, q, k, pk, mask, ms, b, h, i0, Mq, scale, s);
+      const int64_t Nm = scores<S, M>(d, q, k, pk, mask, ms, b, h, i0, Mq, scale, s);
       const int64_t N = d.P + Nm;
       T* lrow = l + (b * d.H + h) * d.L + i0;
       for (int64_t r = 0; r < Mq; ++r) {
@@ -189,19 +235,24 @@ void fwd_impl(const Dims& d, const Tensor& q_, const Tensor& k_, const Tensor& v
 #pragma omp simd
         for (int64_t j = 0; j < N; ++j) sr[j] *= inv;
       }
-      T* orow = o + ((b * d.H + h) * d.L + i0) * d.D;
-      mm_ab<T>(Mq, d.D, d.P, T(1), s, ld, pv.at(b, hk, 0), pv.sr, T(0), orow, d.D);
-      mm_ab<T>(Mq, d.D, Nm, T(1), s + d.P, ld, v.at(b, hk, 0), v.sr, T(1), orow, d.D);
+      S* orow = o + ((b * d.H + h) * d.L + i0) * d.D;
+      T* oacc = lowp ? otile : reinterpret_cast<T*>(orow);
+      const S* pp = operand<S, T>(s, pb, Mq, N, ld);
+      mm_ab(Mq, d.D, d.P, T(1), pp, ld, pv.at(b, hk, 0), pv.sr, T(0), oacc, d.D);
+      mm_ab(Mq, d.D, Nm, T(1), pp + d.P, ld, v.at(b, hk, 0), v.sr, T(1), oacc, d.D);
+      if constexpr (lowp) store<S, T>(otile, orow, Mq * d.D);
     }
   });
 }
 
-template <typename T, typename M>
+template <typename S, typename M>
 void bwd_impl(const Dims& d, const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
               const Tensor& pk_, const Tensor& pv_, const Tensor* mask_t, const Tensor& out_, const Tensor& lse_,
-              T scale, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dpk, Tensor& dpv) {
-  const Rows<T> q = rows<T>(q_), k = rows<T>(k_), v = rows<T>(v_), pk = rows<T>(pk_), pv = rows<T>(pv_);
-  const Rows<T> dout = rows<T>(dout_), out = rows<T>(out_);
+              Acc<S> scale, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& dpk, Tensor& dpv) {
+  using T = Acc<S>;
+  constexpr bool lowp = !std::is_same<S, T>::value;
+  const Rows<S> q = rows<S>(q_), k = rows<S>(k_), v = rows<S>(v_), pk = rows<S>(pk_), pv = rows<S>(pv_);
+  const Rows<S> dout = rows<S>(dout_), out = rows<S>(out_);
   const T* lse = lse_.data_ptr<T>();  // contiguous (B, H, L)
   const M* mask = mask_t ? mask_t->data_ptr<M>() : nullptr;
   int64_t ms[4] = {0, 0, 0, 0};
@@ -216,20 +267,26 @@ void bwd_impl(const Dims& d, const Tensor& dout_, const Tensor& q_, const Tensor
   // per chunk: score/probability tile, dP tile, delta; a shared prefix's gradient accumulates per
   // chunk (tasks of different b hit the same prefix rows) and the chunk partials are summed in
   // chunk order after the loop, so the result does not depend on thread scheduling.
-  std::vector<T> scratch(static_cast<size_t>(nch) * (2 * kBlockM * ld + kBlockM));
+  // bf16 / fp16 also keep per chunk: the fp32 dq tile, the task's fp32 dk / dv (and, unshared,
+  // prefix) accumulators, rounded to S once at the end of the task, and the S-rounded P / dS tile.
+  const int64_t per = 2 * kBlockM * ld + kBlockM + (lowp ? kBlockM * d.D + 2 * SD + 2 * PD : 0);
+  std::vector<T> scratch(static_cast<size_t>(nch) * per);
+  std::vector<S> pbuf(lowp ? static_cast<size_t>(nch) * kBlockM * ld : 0);
   std::vector<T> pacc(shared ? static_cast<size_t>(nch) * 2 * d.Hkv * PD : 0, T(0));
-  T *gq = dq.data_ptr<T>(), *gk = dk.data_ptr<T>(), *gv = dv.data_ptr<T>();
-  T *gpk = dpk.data_ptr<T>(), *gpv = dpv.data_ptr<T>();
+  S *gq = dq.data_ptr<S>(), *gk = dk.data_ptr<S>(), *gv = dv.data_ptr<S>();
+  S *gpk = dpk.data_ptr<S>(), *gpv = dpv.data_ptr<S>();
   // one task per (b, kv head): it owns dk/dv rows and (Bp = B) the prefix rows, so no races
   at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ++ch) {
-      T* s = scratch.data() + ch * (2 * kBlockM * ld + kBlockM);
+      T* s = scratch.data() + ch * per;
       T* dp = s + kBlockM * ld;
       T* delta = dp + kBlockM * ld;
+      T* dqt = delta + kBlockM;  // lowp only: dq tile, then dk, dv, dpk, dpv accumulators
+      S* pb = lowp ? pbuf.data() + ch * kBlockM * ld : nullptr;
       for (int64_t t = ntask * ch / nch; t < ntask * (ch + 1) / nch; ++t) {
         const int64_t b = t / d.Hkv, hk = t % d.Hkv;
-        T* dk_t = gk + t * SD;
-        T* dv_t = gv + t * SD;
+        T* dk_t = lowp ? dqt + kBlockM * d.D : reinterpret_cast<T*>(gk + t * SD);
+        T* dv_t = lowp ? dk_t + SD : reinterpret_cast<T*>(gv + t * SD);
         std::fill(dk_t, dk_t + SD, T(0));
         std::fill(dv_t, dv_t + SD, T(0));
         T *dpk_t, *dpv_t;
@@ -237,8 +294,8 @@ void bwd_impl(const Dims& d, const Tensor& dout_, const Tensor& q_, const Tensor
           dpk_t = pacc.data() + (ch * 2 * d.Hkv + hk) * PD;
           dpv_t = dpk_t + d.Hkv * PD;
         } else {
-          dpk_t = gpk + t * PD;
-          dpv_t = gpv + t * PD;
+          dpk_t = lowp ? dv_t + SD : reinterpret_cast<T*>(gpk + t * PD);
+          dpv_t = lowp ? dpk_t + PD : reinterpret_cast<T*>(gpv + t * PD);
           std::fill(dpk_t, dpk_t + PD, T(0));
           std::fill(dpv_t, dpv_t + PD, T(0));
         }
@@ -246,25 +303,26 @@ void bwd_impl(const Dims& d, const Tensor& dout_, const Tensor& q_, const Tensor
           const int64_t h = hk * d.G + g;
           for (int64_t blk = 0; blk < nblk; ++blk) {
             const int64_t i0 = blk * kBlockM, Mq = std::min(kBlockM, d.L - i0);
-            const int64_t Nm = scores<T, M>(d, q, k, pk, mask, ms, b, h, i0, Mq, scale, s);
+            const int64_t Nm = scores<S, M>(d, q, k, pk, mask, ms, b, h, i0, Mq, scale, s);
             const int64_t N = d.P + Nm;
             const T* lrow = lse + (b * d.H + h) * d.L + i0;
-            const T* dor = dout.at(b, h, i0);
+            const S* dor = dout.at(b, h, i0);
             for (int64_t r = 0; r < Mq; ++r) {
               exp_sum<T>(s + r * ld, N, lrow[r]);  // p = exp(s - lse): this tile's share of the joint softmax
-              const T* o_r = out.at(b, h, i0 + r);
-              const T* do_r = dor + r * dout.sr;
+              const S* o_r = out.at(b, h, i0 + r);
+              const S* do_r = dor + r * dout.sr;
               T acc = 0;
 #pragma omp simd reduction(+ : acc)
-              for (int64_t c = 0; c < d.D; ++c) acc += do_r[c] * o_r[c];
+              for (int64_t c = 0; c < d.D; ++c) acc += static_cast<T>(do_r[c]) * static_cast<T>(o_r[c]);
               delta[r] = acc;
             }
             // dV += Pᵀ·dO (both sources)
-            mm_aTb<T>(d.P, d.D, Mq, T(1), s, ld, dor, dout.sr, T(1), dpv_t, d.D);
-            mm_aTb<T>(Nm, d.D, Mq, T(1), s + d.P, ld, dor, dout.sr, T(1), dv_t, d.D);
+            const S* pp = operand<S, T>(s, pb, Mq, N, ld);
+            mm_aTb(d.P, d.D, Mq, T(1), pp, ld, dor, dout.sr, T(1), dpv_t, d.D);
+            mm_aTb(Nm, d.D, Mq, T(1), pp + d.P, ld, dor, dout.sr, T(1), dv_t, d.D);
             // dP = dO·Vᵀ
-            mm_abT<T>(Mq, d.P, d.D, T(1), dor, dout.sr, pv.at(b, hk, 0), pv.sr, T(0), dp, ld);
-            mm_abT<T>(Mq, Nm, d.D, T(1), dor, dout.sr, v.at(b, hk, 0), v.sr, T(0), dp + d.P, ld);
+            mm_abT(Mq, d.P, d.D, T(1), dor, dout.sr, pv.at(b, hk, 0), pv.sr, T(0), dp, ld);
+            mm_abT(Mq, Nm, d.D, T(1), dor, dout.sr, v.at(b, hk, 0), v.sr, T(0), dp + d.P, ld);
             // dS = P ⊙ (dP - delta), in place of P
             for (int64_t r = 0; r < Mq; ++r) {
               T* sr = s + r * ld;
@@ -274,37 +332,46 @@ void bwd_impl(const Dims& d, const Tensor& dout_, const Tensor& q_, const Tensor
               for (int64_t j = 0; j < N; ++j) sr[j] = sr[j] * (dpr[j] - dl);
             }
             // dQ = scale·dS·K ; dK += scale·dSᵀ·Q
-            T* dqr = gq + ((b * d.H + h) * d.L + i0) * d.D;
-            mm_ab<T>(Mq, d.D, d.P, scale, s, ld, pk.at(b, hk, 0), pk.sr, T(0), dqr, d.D);
-            mm_ab<T>(Mq, d.D, Nm, scale, s + d.P, ld, k.at(b, hk, 0), k.sr, T(1), dqr, d.D);
-            mm_aTb<T>(d.P, d.D, Mq, scale, s, ld, q.at(b, h, i0), q.sr, T(1), dpk_t, d.D);
-            mm_aTb<T>(Nm, d.D, Mq, scale, s + d.P, ld, q.at(b, h, i0), q.sr, T(1), dk_t, d.D);
+            const S* ds = operand<S, T>(s, pb, Mq, N, ld);
+            S* dqr = gq + ((b * d.H + h) * d.L + i0) * d.D;
+            T* dqa = lowp ? dqt : reinterpret_cast<T*>(dqr);
+            mm_ab(Mq, d.D, d.P, scale, ds, ld, pk.at(b, hk, 0), pk.sr, T(0), dqa, d.D);
+            mm_ab(Mq, d.D, Nm, scale, ds + d.P, ld, k.at(b, hk, 0), k.sr, T(1), dqa, d.D);
+            if constexpr (lowp) store<S, T>(dqt, dqr, Mq * d.D);
+            mm_aTb(d.P, d.D, Mq, scale, ds, ld, q.at(b, h, i0), q.sr, T(1), dpk_t, d.D);
+            mm_aTb(Nm, d.D, Mq, scale, ds + d.P, ld, q.at(b, h, i0), q.sr, T(1), dk_t, d.D);
+          }
+        }
+        if constexpr (lowp) {  // the task's gradients, accumulated in fp32, rounded once
+          store<S, T>(dk_t, gk + t * SD, SD);
+          store<S, T>(dv_t, gv + t * SD, SD);
+          if (!shared) {
+            store<S, T>(dpk_t, gpk + t * PD, PD);
+            store<S, T>(dpv_t, gpv + t * PD, PD);
           }
         }
       }
     }
   });
-  if (shared) {  // sum the per-chunk prefix gradients, in chunk order
-    std::fill(gpk, gpk + d.Hkv * PD, T(0));
-    std::fill(gpv, gpv + d.Hkv * PD, T(0));
+  if (shared) {  // sum the per-chunk prefix gradients, in chunk order (in T), then store once
+    std::vector<T> sk(static_cast<size_t>(d.Hkv * PD), T(0)), sv(static_cast<size_t>(d.Hkv * PD), T(0));
     for (int64_t t = 0; t < nch; ++t) {
       const T* a = pacc.data() + t * 2 * d.Hkv * PD;
       for (int64_t x = 0; x < d.Hkv * PD; ++x) {
-        gpk[x] += a[x];
-        gpv[x] += a[d.Hkv * PD + x];
+        sk[x] += a[x];
+        sv[x] += a[d.Hkv * PD + x];
       }
     }
+    store<S, T>(sk.data(), gpk, d.Hkv * PD);
+    store<S, T>(sv.data(), gpv, d.Hkv * PD);
   }
 }
 
-// fp16/bf16 compute in fp32 (inputs upcast once); fp32 and fp64 natively.
-at::ScalarType compute_type(const Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-Tensor prep(const Tensor& t, at::ScalarType ct) {
-  Tensor x = t.scalar_type() == ct ? t : t.to(ct);
-  // rows are BLAS operands: unit stride along D and a row stride >= D (an expanded, stride-0
-  // row axis - e.g. dout of out.sum() - is copied); batch/head strides may be anything, even 0
+// Rows are BLAS operands: unit stride along D and a row stride >= D (an expanded, stride-0 row
+// axis - e.g. dout of out.sum() - is copied); batch/head strides may be anything, even 0.
+// Converted to st first when it is given ("upcast").
+Tensor prep(const Tensor& t, at::ScalarType st) {
+  Tensor x = t.scalar_type() == st ? t : t.to(st);
   return (x.stride(-1) == 1 && x.stride(-2) >= x.size(-1)) ? x : x.contiguous();
 }
 c10::optional<Tensor> prep_mask(const c10::optional<Tensor>& m) {
@@ -322,52 +389,94 @@ Dims dims(const Tensor& q, const Tensor& k, const Tensor& pk, bool causal) {
   return d;
 }
 
+// f(S(), M()) for storage dtype st and mask dtype (fp64 masks with fp64 inputs only).
 template <typename F>
-void dispatch(at::ScalarType ct, const c10::optional<Tensor>& mask, F&& f) {
-  const at::ScalarType mt = mask ? mask->scalar_type() : ct;
-  if (ct == at::kDouble) {
+void dispatch(at::ScalarType st, const c10::optional<Tensor>& mask, F&& f) {
+  const at::ScalarType mt = mask ? mask->scalar_type() : (st == at::kDouble ? at::kDouble : at::kFloat);
+  if (st == at::kDouble) {
     TORCH_CHECK(mt == at::kDouble, "prefix_attention: attn_mask must have q's dtype, got ", mt);
     f(double(), double());
-  } else if (mt == at::kFloat) {
-    f(float(), float());
-  } else if (mt == at::kHalf) {
-    f(float(), at::Half());
-  } else if (mt == at::kBFloat16) {
-    f(float(), at::BFloat16());
-  } else {
-    TORCH_CHECK(false, "prefix_attention: unsupported attn_mask dtype ", mt);
+    return;
   }
+  auto with_mask = [&](auto s) {
+    if (mt == at::kFloat) f(s, float());
+    else if (mt == at::kHalf) f(s, at::Half());
+    else if (mt == at::kBFloat16) f(s, at::BFloat16());
+    else TORCH_CHECK(false, "prefix_attention: unsupported attn_mask dtype ", mt);
+  };
+  if (st == at::kFloat) with_mask(float());
+  else if (st == at::kBFloat16) with_mask(at::BFloat16());
+  else if (st == at::kHalf) with_mask(at::Half());
+  else TORCH_CHECK(false, "prefix_attention: q must be a floating tensor, got ", st);
+}
+
+// bf16 / fp16 configurations (tune.h names): "native" runs the kernels above on the bf16 / fp16
+// tensors in place (mixed-precision GEMMs, fp32 softmax and accumulators, no copy of q/k/v);
+// "upcast" runs them in fp32 on fp32 copies (the pre-native path), a timed candidate only where
+// fastpeft::native_lowp_gemm(dtype) is false. fp32 / fp64 have one configuration.
+std::vector<std::string> lowp_candidates(at::ScalarType st) {
+  if (st != at::kBFloat16 && st != at::kHalf) return {"native"};
+  if (fastpeft::native_lowp_gemm(st)) return {"native"};
+  return {"native", "upcast"};
+}
+
+std::string tune_key(const char* op, const Tensor& q, const Dims& d, const std::vector<std::string>& c) {
+  std::string k = std::string(op) + " " + c10::toString(q.scalar_type()) + " B=" + std::to_string(d.B) +
+                  " H=" + std::to_string(d.H) + "/" + std::to_string(d.Hkv) + " L~" +
+                  std::to_string(fastpeft::row_class(d.L)) + " S~" + std::to_string(fastpeft::row_class(d.S)) +
+                  " P=" + std::to_string(d.P) + " D=" + std::to_string(d.D) + (d.causal ? " causal" : "") +
+                  " threads=" + std::to_string(at::get_num_threads()) + " [";
+  for (size_t i = 0; i < c.size(); ++i) k += (i ? "," : "") + c[i];
+  return k + "]";
+}
+
+double work_of(const Dims& d) { return 2.0 * d.B * d.H * d.L * (d.P + d.S) * d.D; }
+
+std::tuple<Tensor, Tensor> fwd_run(const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& prefix_k,
+                                   const Tensor& prefix_v, const c10::optional<Tensor>& mask, bool is_causal,
+                                   double scale, at::ScalarType st) {
+  const Tensor q = prep(q_, st), k = prep(k_, st), v = prep(v_, st), pk = prep(prefix_k, st),
+               pv = prep(prefix_v, st);
+  const Dims d = dims(q, k, pk, is_causal);
+  Tensor out = at::empty({d.B, d.H, d.L, d.D}, q.options());
+  Tensor lse = at::empty({d.B, d.H, d.L}, q.options().dtype(st == at::kDouble ? at::kDouble : at::kFloat));
+  if (d.B * d.L == 0) return {out, lse};  // no queries: empty outputs
+  dispatch(st, mask, [&](auto s, auto m) {
+    using S = decltype(s);
+    using M = decltype(m);
+    fwd_impl<S, M>(d, q, k, v, pk, pv, mask ? &*mask : nullptr, static_cast<Acc<S>>(scale), out, lse);
+  });
+  return {out, lse};
 }
 
 std::tuple<Tensor, Tensor> prefix_attention_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_,
                                                 const Tensor& prefix_k, const Tensor& prefix_v,
                                                 const c10::optional<Tensor>& attn_mask, bool is_causal,
                                                 double scale) {
-  const at::ScalarType ct = compute_type(q_);
-  const Tensor q = prep(q_, ct), k = prep(k_, ct), v = prep(v_, ct), pk = prep(prefix_k, ct),
-               pv = prep(prefix_v, ct);
+  const auto st = q_.scalar_type();
   const auto mask = prep_mask(attn_mask);
-  const Dims d = dims(q, k, pk, is_causal);
-  Tensor out = at::empty({d.B, d.H, d.L, d.D}, q.options());
-  Tensor lse = at::empty({d.B, d.H, d.L}, q.options());
-  if (d.B * d.L == 0) return {out.to(q_.scalar_type()), lse};  // no queries: empty outputs
-  dispatch(ct, mask, [&](auto t, auto m) {
-    using T = decltype(t);
-    using M = decltype(m);
-    fwd_impl<T, M>(d, q, k, v, pk, pv, mask ? &*mask : nullptr, static_cast<T>(scale), out, lse);
-  });
-  return {out.scalar_type() == q_.scalar_type() ? out : out.to(q_.scalar_type()), lse};
+  const auto cands = lowp_candidates(st);
+  auto run = [&](int i) -> std::tuple<Tensor, Tensor> {
+    if (cands[i] == "upcast") {
+      auto [o, l] = fwd_run(q_, k_, v_, prefix_k, prefix_v, mask, is_causal, scale, at::kFloat);
+      return {o.to(st), l};
+    }
+    return fwd_run(q_, k_, v_, prefix_k, prefix_v, mask, is_causal, scale, st);
+  };
+  if (st != at::kBFloat16 && st != at::kHalf) return run(0);  // one configuration, nothing to force
+  const Dims d = dims(q_, k_, prefix_k, is_causal);
+  return run(fastpeft::tuned_choice(tune_key("prefix_attention_fwd", q_, d, cands), cands, work_of(d),
+                                    [&](int i) { run(i); }));
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd(
-    const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& prefix_k,
-    const Tensor& prefix_v, const c10::optional<Tensor>& attn_mask, const Tensor& out_, const Tensor& lse_,
-    bool is_causal, double scale) {
-  const at::ScalarType ct = compute_type(q_);
-  const Tensor q = prep(q_, ct), k = prep(k_, ct), v = prep(v_, ct), pk = prep(prefix_k, ct),
-               pv = prep(prefix_v, ct), dout = prep(dout_, ct), out = prep(out_, ct);
-  const Tensor lse = lse_.to(ct).contiguous();
-  const auto mask = prep_mask(attn_mask);
+using BwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+BwdOut bwd_run(const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& prefix_k,
+               const Tensor& prefix_v, const c10::optional<Tensor>& mask, const Tensor& out_, const Tensor& lse_,
+               bool is_causal, double scale, at::ScalarType st) {
+  const Tensor q = prep(q_, st), k = prep(k_, st), v = prep(v_, st), pk = prep(prefix_k, st),
+               pv = prep(prefix_v, st), dout = prep(dout_, st), out = prep(out_, st);
+  const Tensor lse = lse_.to(st == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   const Dims d = dims(q, k, pk, is_causal);
   Tensor dq = at::empty({d.B, d.H, d.L, d.D}, q.options());
   Tensor dk = at::empty({d.B, d.Hkv, d.S, d.D}, q.options());
@@ -377,16 +486,34 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> prefix_attention_bwd(
   if (d.B * d.L == 0) {  // no queries: nothing reaches the keys, values or prefixes
     for (Tensor* g : {&dk, &dv, &dpk, &dpv}) g->zero_();
   } else {
-    dispatch(ct, mask, [&](auto t, auto m) {
-      using T = decltype(t);
+    dispatch(st, mask, [&](auto s, auto m) {
+      using S = decltype(s);
       using M = decltype(m);
-      bwd_impl<T, M>(d, dout, q, k, v, pk, pv, mask ? &*mask : nullptr, out, lse, static_cast<T>(scale), dq, dk,
-                     dv, dpk, dpv);
+      bwd_impl<S, M>(d, dout, q, k, v, pk, pv, mask ? &*mask : nullptr, out, lse, static_cast<Acc<S>>(scale), dq,
+                     dk, dv, dpk, dpv);
     });
   }
+  return {dq, dk, dv, dpk, dpv};
+}
+
+BwdOut prefix_attention_bwd(const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                            const Tensor& prefix_k, const Tensor& prefix_v, const c10::optional<Tensor>& attn_mask,
+                            const Tensor& out_, const Tensor& lse_, bool is_causal, double scale) {
   const auto st = q_.scalar_type();
-  auto back = [&](const Tensor& t) { return t.scalar_type() == st ? t : t.to(st); };
-  return {back(dq), back(dk), back(dv), back(dpk), back(dpv)};
+  const auto mask = prep_mask(attn_mask);
+  const auto cands = lowp_candidates(st);
+  auto run = [&](int i) -> BwdOut {
+    if (cands[i] == "upcast") {
+      auto [dq, dk, dv, dpk, dpv] =
+          bwd_run(dout_, q_, k_, v_, prefix_k, prefix_v, mask, out_, lse_, is_causal, scale, at::kFloat);
+      return {dq.to(st), dk.to(st), dv.to(st), dpk.to(st), dpv.to(st)};
+    }
+    return bwd_run(dout_, q_, k_, v_, prefix_k, prefix_v, mask, out_, lse_, is_causal, scale, st);
+  };
+  if (st != at::kBFloat16 && st != at::kHalf) return run(0);  // one configuration, nothing to force
+  const Dims d = dims(q_, k_, prefix_k, is_causal);
+  return run(fastpeft::tuned_choice(tune_key("prefix_attention_bwd", q_, d, cands), cands, 2.0 * work_of(d),
+                                    [&](int i) { run(i); }));
 }
 
 }  // namespace

@@ -61,6 +61,25 @@ def cpu_kind() -> str:
     return f"{vendor}-{top}"
 
 
+def lowp_report() -> List[str]:
+    """One line per low-precision dtype: which path lora / adapter / prefix_attention take for it
+    on this CPU (C++ backend, ``native_lowp_gemm`` in csrc/gemm.h)."""
+    lines = []
+    for dt in (torch.bfloat16, torch.float16):
+        name = str(dt).replace("torch.", "")
+        blas = "MKL mixed-precision GEMMs" if torch.ops.fastpeft_cpu.lowp_blas(dt) else \
+            "tiles widened to fp32 for sgemm (no MKL mixed-precision GEMM in this torch)"
+        if torch.ops.fastpeft_cpu.native_lowp_gemm(dt):
+            lines.append(f"GEMM {name}: native on this CPU - lora, adapter, prefix_attention run their "
+                         f"{name} GEMMs in {name} (fp32 accumulation; prefix_attention: {blas}); "
+                         f"no fp32 upcast")
+        else:
+            lines.append(f"GEMM {name}: no native {name} GEMMs on this CPU - lora, adapter, prefix_attention "
+                         f"time their native {name} path against 'upcast' (fp32 copies) per shape class "
+                         f"and keep the faster (prefix_attention native: {blas})")
+    return lines
+
+
 def gemm_report() -> List[str]:
     """One line per dtype saying which GEMM libraries the C++ backend may use for it here (and
     why oneDNN is out where it is), then the configuration each op chose per shape class so far."""
@@ -71,7 +90,7 @@ def gemm_report() -> List[str]:
     except Exception as exc:  # noqa: BLE001 - no C++ backend: say so, never fail `info`
         return [f"C++ backend not loaded ({type(exc).__name__}: {exc})"]
     lines = [f"GEMM {line}" for line in libs]
-    lines.append("GEMM bfloat16/float16: upcast to float32 inside the op (native low-precision GEMMs: not yet)")
+    lines += lowp_report()
     lines.append("choice: each op times its configurations on the first call of a shape class and keeps "
                  "the fastest (FASTPEFT_CPU_GEMM=aten|onednn restricts it, FASTPEFT_CPU_TUNE=0 keeps the default)")
     lines += [f"tuned: {line}" for line in table] or ["tuned: nothing yet in this process"]
