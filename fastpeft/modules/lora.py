@@ -464,6 +464,8 @@ class LoRALinear(LoRALayer):
         used = [n for n in self.adapter_names() if n in wanted]
         if not used:
             return self._base(x)
+        if any(self.use_dora.get(n) for n in used):
+            raise ValueError("adapter_names: mixed batches are not available with DoRA adapters (as in PEFT)")
         W = self._weight()
         mixed = x.dtype != W.dtype or any(self.lora_A[n].weight.dtype != x.dtype for n in used)
         if mixed and autocast_dtype(x.device) is None:
