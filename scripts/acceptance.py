@@ -41,6 +41,15 @@ def main(path: str) -> int:
     def ratio(a, b, fmt="{:.2f}×"):
         return fmt.format(a / b) if a and b else "n/a"
 
+    def prefix_rows() -> str:  # fastpeft vs cat + SDPA per prefix shape: time ratio, peak memory
+        pre = []
+        for shape in sorted({s for (o, _p, m, s) in rows if o == "prefix" and m == "full"}):
+            bp = next((w for w in shape.split() if w.startswith("Bp=")), shape)
+            f, c = ms("prefix", "fastpeft", "full", shape), ms("prefix", "cat_sdpa", "full", shape)
+            fm, cm = mb("prefix", "fastpeft", "full", shape), mb("prefix", "cat_sdpa", "full", shape)
+            pre.append(f"{bp}: {ratio(f, c)}, {fm:.1f} vs {cm:.1f} MB" if None not in (f, c, fm, cm) else f"{bp}: n/a")
+        return "; ".join(pre) or "n/a"
+
     lines = ["| figure | target | measured |", "|---|---|---|"]
     dtypes = {r["dtype"] for r in rows.values()}
     if dtypes and dtypes <= {"bfloat16", "float16"}:  # issue 10's figures, floors in the same dtype
@@ -58,14 +67,7 @@ def main(path: str) -> int:
         a = "M=8192 d=768 m=64"
         lines.append(f"| adapter {dt} step, eager time over fastpeft's | ≥ 1.6× | "
                      f"{ratio(ms('adapter', 'eager', 'full', a), ms('adapter', 'fastpeft', 'full', a))} |")
-        pre = []
-        for shape in sorted({s for (o, _p, m, s) in rows if o == "prefix" and m == "full"}):
-            bp = next((w for w in shape.split() if w.startswith("Bp=")), shape)
-            f, c = ms("prefix", "fastpeft", "full", shape), ms("prefix", "cat_sdpa", "full", shape)
-            fm, cm = mb("prefix", "fastpeft", "full", shape), mb("prefix", "cat_sdpa", "full", shape)
-            pre.append(f"{bp}: {ratio(f, c)}, {fm:.1f} vs {cm:.1f} MB" if None not in (f, c, fm, cm) else f"{bp}: n/a")
-        lines.append(f"| prefix_attention {dt} step vs cat + SDPA | ≤ 1.0×, less memory | "
-                     + ("; ".join(pre) or "n/a") + " |")
+        lines.append(f"| prefix_attention {dt} step vs cat + SDPA | ≤ 1.0×, less memory | {prefix_rows()} |")
         print("\n".join(lines))
         return 0
 
@@ -102,13 +104,7 @@ def main(path: str) -> int:
     lines.append("| adapter step / forward, eager-on-oneDNN time over fastpeft's | (what fusion buys) | "
                  f"{ratio(ms('adapter', 'eager_onednn', 'full', a), fp_full)} / "
                  f"{ratio(ms('adapter', 'eager_onednn', 'fwd', a), fp_fwd)} |")
-    pre = []
-    for shape in sorted({s for (o, _p, m, s) in rows if o == "prefix" and m == "full"}):
-        bp = next((w for w in shape.split() if w.startswith("Bp=")), shape)
-        f, c = ms("prefix", "fastpeft", "full", shape), ms("prefix", "cat_sdpa", "full", shape)
-        fm, cm = mb("prefix", "fastpeft", "full", shape), mb("prefix", "cat_sdpa", "full", shape)
-        pre.append(f"{bp}: {ratio(f, c)}, {fm:.1f} vs {cm:.1f} MB" if None not in (f, c, fm, cm) else f"{bp}: n/a")
-    lines.append("| prefix_attention step vs cat + SDPA | ≤ 1.0×, less memory | " + "; ".join(pre) + " |")
+    lines.append(f"| prefix_attention step vs cat + SDPA | ≤ 1.0×, less memory | {prefix_rows()} |")
     v = "B="
     lines.append("| VPT-deep step, concat time over fastpeft's | ≥ 1.2× | "
                  f"{ratio(ms('vpt_deep_train_step', 'concat', 'full', v), ms('vpt_deep_train_step', 'fastpeft', 'full', v))} |")
