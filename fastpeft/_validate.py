@@ -61,3 +61,16 @@ def check_scaling(s, *, allow_inf: bool = False) -> float:
         raise ValueError(f"scaling: expected a finite float, got {s!r}" if not allow_inf
                          else f"scaling: expected a float that is not NaN, got {s!r}")
     return s
+
+
+def check_linear(x, weight, bias):
+    """x (..., K), weight (N, K) and bias (N,) or None of one dtype and device: the frozen linear every
+    LoRA-family op wraps. Returns (K, N)."""
+    check_tensor("x", x, min_ndim=1)
+    K = x.shape[-1]
+    check_tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
+    N = weight.shape[0]
+    if weight.shape[1] != K:
+        raise ValueError(f"weight: expected shape (N, {K}) to match x's last dim, got {tuple(weight.shape)}")
+    check_optional("bias", bias, shape=(N,), dtype=x.dtype, device=x.device)
+    return K, N

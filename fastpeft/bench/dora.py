@@ -20,9 +20,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fastpeft.bench import Case, autograd_preps, onednn_linear, onednn_ok
+from fastpeft.bench.lora import frozen_linear
 
 R, ALPHA = 16, 32.0
 CPU_SHAPES = [(4096, 768, 768), (4096, 768, 3072)]
@@ -40,13 +40,8 @@ def _peft_dora_layer(W, b, A, B, p: float):
         from peft.tuners.lora import Linear as PeftLinear
     except Exception:  # noqa: BLE001 - peft is an optional extra
         return None
-    N, K = W.shape
     r = A.shape[0]
-    base = nn.Linear(K, N, device=W.device, dtype=W.dtype)
-    with torch.no_grad():
-        base.weight.copy_(W)
-        base.bias.copy_(b)
-    base.requires_grad_(False)
+    base = frozen_linear(W, b)
     cfg = LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=p, use_dora=True)
     with torch.no_grad():
         layer = PeftLinear(base, "default", config=cfg, r=r, lora_alpha=ALPHA, lora_dropout=p, use_dora=True,

@@ -44,6 +44,16 @@ def _eager(x, W, b, A, B, s: float, p: float):
     return F.linear(x, W, b) + s * F.linear(F.linear(F.dropout(x, p, training=True), A), B)
 
 
+def frozen_linear(W: torch.Tensor, b: torch.Tensor) -> nn.Linear:
+    """A frozen ``nn.Linear`` holding W (N, K) and b (N,): the base layer PEFT's layers wrap."""
+    N, K = W.shape
+    base = nn.Linear(K, N, device=W.device, dtype=W.dtype)
+    with torch.no_grad():
+        base.weight.copy_(W)
+        base.bias.copy_(b)
+    return base.requires_grad_(False)
+
+
 def _peft_layer(W: torch.Tensor, b: torch.Tensor, A: torch.Tensor, B: torch.Tensor, p: float):
     """HF PEFT's LoRA Linear around an nn.Linear holding W, b (frozen), with our A, B; or None."""
     try:
@@ -51,13 +61,8 @@ def _peft_layer(W: torch.Tensor, b: torch.Tensor, A: torch.Tensor, B: torch.Tens
         from peft.tuners.lora import Linear as PeftLinear
     except Exception:  # noqa: BLE001 - peft is an optional extra
         return None
-    N, K = W.shape
     r = A.shape[0]
-    base = nn.Linear(K, N, device=W.device, dtype=W.dtype)
-    with torch.no_grad():
-        base.weight.copy_(W)
-        base.bias.copy_(b)
-    base.requires_grad_(False)
+    base = frozen_linear(W, b)
     cfg = LoraConfig(r=r, lora_alpha=ALPHA, lora_dropout=p)
     layer = PeftLinear(base, "default", config=cfg, r=r, lora_alpha=ALPHA, lora_dropout=p)
     layer.to(device=W.device, dtype=W.dtype)

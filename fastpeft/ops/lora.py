@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fastpeft import _dropout
 from fastpeft._backend import get_kernel, select_backend
-from fastpeft._validate import check_dropout, check_optional, check_scaling, check_tensor
+from fastpeft._validate import check_dropout, check_linear, check_scaling, check_tensor
 from fastpeft.ops._common import autocast_dtype, cast_all, none_if_empty
 
 
@@ -83,13 +83,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
 
 def _check(x, weight, bias, lora_A, lora_B):
-    check_tensor("x", x, min_ndim=1)
-    K = x.shape[-1]
-    check_tensor("weight", weight, ndim=2, dtype=x.dtype, device=x.device)
-    N = weight.shape[0]
-    if weight.shape[1] != K:
-        raise ValueError(f"weight: expected shape (N, {K}) to match x's last dim, got {tuple(weight.shape)}")
-    check_optional("bias", bias, shape=(N,), dtype=x.dtype, device=x.device)
+    K, N = check_linear(x, weight, bias)
     check_tensor("lora_A", lora_A, ndim=2, dtype=x.dtype, device=x.device)
     r = lora_A.shape[0]
     if lora_A.shape[1] != K or r < 1:
