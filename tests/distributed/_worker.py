@@ -208,5 +208,8 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
         results["dropout_outputs"] = outs
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
+        # both ranks leave together: a rank that tears gloo down while its peer is still in its last
+        # collective (or saving) can abort in gloo's teardown
+        dist.barrier()
     finally:
         dist.destroy_process_group()

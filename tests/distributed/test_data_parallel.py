@@ -6,6 +6,7 @@ reduction order of an all-reduce (the runs here happen to agree to ~1e-8).
 """
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -28,7 +29,14 @@ def results(tmp_path_factory):
         pytest.skip("torch.distributed with gloo is not available")
     d = str(tmp_path_factory.mktemp("dp"))
     W.train("lora_ddp", save_dir=os.path.join(d, "ckpt_single"))  # the checkpoint the ranks resume from
-    mp.spawn(W.main, args=(WORLD, _free_port(), d), nprocs=WORLD, join=True)
+    try:
+        mp.spawn(W.main, args=(WORLD, _free_port(), d), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as exc:
+        # rank 0 writes results.pt after the last collective, so every rank had done all its work by
+        # then: a rank killed by a signal after that died in gloo's teardown, not in fastpeft
+        if exc.signal_name is None or not os.path.exists(os.path.join(d, "results.pt")):
+            raise
+        warnings.warn(f"a rank died in process-group teardown after finishing its work: {exc}")
     r = torch.load(os.path.join(d, "results.pt"))
     r["dir"] = d
     return r
