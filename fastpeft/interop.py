@@ -12,10 +12,24 @@ view), a LoRA bias (``lora_bias=True``: folded into the op's bias), several acti
 first in the fused op, the others added), DoRA (``use_dora=True``, a single active adapter: on
 ``fastpeft.dora_linear``, PEFT's conventions). Not fused, and said so by :func:`patch_summary`
 (logged when patching): other LoRA variants, DoRA with ``lora_bias``, other LoRA layer types
-(Embedding, Conv), quantized layers; per call, a DoRA adapter active together with others. Per call, PEFT's own forward also runs for ``adapter_names`` mixed batches, merged or
+(Embedding, Conv), quantized layers; per call, a DoRA adapter active together with others. Per call, PEFT's own forward also runs for merged or
 disabled adapters and inputs whose dtype differs from the base weight's. Adapters that PEFT keeps
 in fp32 on a bf16 / fp16 base are cast to the activation dtype for the fused op (it accumulates
 in fp32); outputs then agree with PEFT to that dtype's tolerance.
+
+Mixed batches (PEFT's ``adapter_names=[...]``, one adapter name per sample, ``"__base__"`` for
+none): PEFT routes them to ``_mixed_batch_forward``, which the patched layers override with one
+``fastpeft.multi_lora_linear`` call (the frozen GEMM once for the batch, the rank-r work grouped
+by adapter). The adapters the batch names and the layer holds are stacked on every call
+(``stack_lora_weights``: zero-padded to the largest rank, per-adapter scalings; no cache, so
+weight updates, ``load_adapter`` and ``delete_adapter`` never leave stale stacks, and each
+adapter's gradient flows back to its own ``lora_A`` / ``lora_B``); ``"__base__"`` rows and
+adapters this layer does not hold get id -1 (base layer only), as in PEFT; a LoRA bias is added
+to its adapter's rows. PEFT's errors (names / rows count, merged adapters, DoRA) are PEFT's.
+Where the op cannot compute PEFT's result, the layer runs PEFT's own loop and warns once per
+reason, naming it: adapters of the batch with different dropout rates in training (the op takes
+one rate per call), LoRA variants / non-Linear factors, unsupported base layers, extra forward
+arguments, an input dtype other than the base weight's outside autocast.
 
 Dropout: with ``lora_dropout > 0`` in training, fastpeft draws its own (counter-based) masks,
 so individual masks differ from PEFT's torch RNG ones; in eval mode or with p = 0 outputs
@@ -24,6 +38,7 @@ and gradients are PEFT's.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
@@ -34,12 +49,23 @@ from torch import nn
 
 from fastpeft.modules.lora import is_conv1d
 from fastpeft.ops.dora import dora_linear
+from fastpeft.ops._common import autocast_dtype
 from fastpeft.ops.lora import lora_linear
+from fastpeft.ops.multi_lora import multi_lora_linear, stack_lora_weights
 
 __all__ = ["patch_peft", "unpatch_peft", "patch_summary", "PatchSummary", "FusedPeftLoraLinear"]
 
 log = logging.getLogger("fastpeft")
 _FUSED_CLASSES: Dict[type, type] = {}
+#: reasons a mixed batch ran PEFT's loop that were already warned about (one warning per reason)
+_MIXED_WARNED: set = set()
+
+
+def _warn_mixed_fallback(reason: str) -> None:
+    if reason not in _MIXED_WARNED:
+        _MIXED_WARNED.add(reason)
+        warnings.warn(f"patch_peft: an adapter_names= mixed batch runs PEFT's per-adapter loop, not "
+                      f"fastpeft.multi_lora_linear: {reason}", RuntimeWarning, stacklevel=4)
 
 
 def _is_dora(layer, name: str) -> bool:
@@ -130,6 +156,69 @@ class FusedPeftLoraLinear:
         y = lora_linear(x, weight, bias, A, B, s, p, training=p > 0.0, backend=self._fastpeft_backend)
         for A, B, s, p, _ in terms[1:]:  # further active adapters add their updates (as PEFT)
             y = y + F.linear(F.linear(F.dropout(x, p, True) if p > 0 else x, A), B) * s
+        return y
+
+    def _fastpeft_mixed_plan(self, x: torch.Tensor, args, kwargs, names):
+        """``-> (used adapter names, dropout p)`` when ``multi_lora_linear`` computes PEFT's mixed
+        batch exactly, else the reason it cannot (a str)."""
+        extra = sorted(k for k, v in kwargs.items() if v is not None)
+        if args or extra:
+            return f"extra forward arguments ({len(args)} positional, keywords {extra})"
+        why = _base_reason(self)
+        if why is not None:
+            return why
+        if x.dim() < 2:
+            return f"input of {x.dim()} dimension(s) (multi_lora_linear needs (batch, ..., features))"
+        wanted = set(names)
+        used = [a for a in self.lora_A if a in wanted]
+        for a in used:
+            why = _vanilla(self, a)
+            if why is not None:
+                return f"adapter {a!r}: {why}"
+        w = self.get_base_layer().weight
+        if x.dtype != w.dtype and autocast_dtype(x.device) is None:
+            return f"input dtype {x.dtype} differs from the base weight's {w.dtype}"
+        ps = {}
+        for a in used:
+            drop = self.lora_dropout[a]
+            ps[a] = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        if len(set(ps.values())) > 1:
+            return (f"adapters with different lora_dropout in training {ps} (multi_lora_linear takes one "
+                    f"dropout rate per call)")
+        return used, max(ps.values(), default=0.0)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names, **kwargs: Any) -> torch.Tensor:
+        """PEFT's mixed batch (``adapter_names``: one name per sample) in one ``multi_lora_linear``
+        call; PEFT's loop, with a one-time warning naming why, where the op cannot do it."""
+        names = list(adapter_names)
+        plan = self._fastpeft_mixed_plan(x, args, kwargs, names)
+        if isinstance(plan, str):
+            _warn_mixed_fallback(plan)
+            return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        used, p = plan
+        base = self.get_base_layer()
+        if not used:  # only "__base__" rows or adapters this layer does not hold
+            return base(x)
+        amp = autocast_dtype(x.device) is not None
+        As, Bs = [], []
+        for a in used:
+            A, B = self.lora_A[a].weight, self.lora_B[a].weight
+            if A.dtype != x.dtype and not amp:  # fp32 adapters on a half base (see the module docstring)
+                A, B = A.to(x.dtype), B.to(x.dtype)
+            As.append(A)
+            Bs.append(B)
+        A, B = stack_lora_weights(As, Bs)
+        index = {a: i for i, a in enumerate(used)}
+        ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.long, device=x.device)
+        scales = [float(self.scaling[a]) for a in used]
+        weight = base.weight.t() if is_conv1d(base) else base.weight
+        y = multi_lora_linear(x, weight, base.bias, A, B, scales, ids, p, training=p > 0.0,
+                              backend=self._fastpeft_backend)
+        if any(self.lora_B[a].bias is not None for a in used):  # lora_bias: s·b on its adapter's rows
+            zero = y.new_zeros(y.shape[-1])
+            rows = torch.stack([zero] + [zero if self.lora_B[a].bias is None else
+                                         self.lora_B[a].bias.to(y.dtype) * s for a, s in zip(used, scales)])
+            y = y + rows.index_select(0, ids + 1).view(len(names), *([1] * (y.dim() - 2)), -1)
         return y
 
 
