@@ -12,8 +12,9 @@ view), a LoRA bias (``lora_bias=True``: folded into the op's bias), several acti
 first in the fused op, the others added), DoRA (``use_dora=True``, a single active adapter: on
 ``fastpeft.dora_linear``, PEFT's conventions). Not fused, and said so by :func:`patch_summary`
 (logged when patching): other LoRA variants, DoRA with ``lora_bias``, other LoRA layer types
-(Embedding, Conv), quantized layers; per call, a DoRA adapter active together with others. Per call, PEFT's own forward also runs for merged or
-disabled adapters and inputs whose dtype differs from the base weight's. Adapters that PEFT keeps
+(Embedding, Conv), quantized layers; per call, a DoRA adapter active together with others.
+Per call, PEFT's own forward also runs for merged or disabled adapters and inputs whose dtype
+differs from the base weight's. Adapters that PEFT keeps
 in fp32 on a bf16 / fp16 base are cast to the activation dtype for the fused op (it accumulates
 in fp32); outputs then agree with PEFT to that dtype's tolerance.
 
