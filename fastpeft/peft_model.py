@@ -281,35 +281,33 @@ class PeftModel(nn.Module):
 
     def _row_prompts(self, adapter_names: Optional[Sequence[str]]) -> Optional[List[PeftMethod]]:
         """For ``adapter_names`` naming prompt-learning adapters (one prefix / prompt set per sample,
-        the frozen model shared): the method of every row; None when the names are not prompt
-        adapters (the layers' mixed batch runs them)."""
+        the frozen model shared): the method of every row (None for ``"__base__"`` rows: no virtual
+        tokens); None when the names are not prompt adapters (the layers' mixed batch runs them).
+        The adapters may differ in ``num_virtual_tokens`` where the method can pad (see
+        ``fastpeft.methods._prompting``); it raises where it cannot."""
         if adapter_names is None:
             return None
         names = list(adapter_names)
         prompt = [n for n in dict.fromkeys(names) if n in self._methods and self._methods[n].is_prompt_learning]
         if not prompt:
             return None
-        other = sorted({n for n in names if n not in prompt})
+        other = sorted({n for n in names if n not in prompt and n != BASE})
         if other:
-            raise ValueError(f"adapter_names: a batch of prompt-learning adapters needs one for every sample; "
-                             f"{other} cannot be mixed with {prompt} (no per-row prompt for them)")
+            raise ValueError(f"adapter_names: a batch of prompt-learning adapters needs one (or {BASE!r}) for every "
+                             f"sample; {other} cannot be mixed with {prompt} (no per-row prompt for them)")
         meths = [self._methods[n] for n in prompt]
         kinds = {type(m) for m in meths}
         if len(kinds) > 1 or not getattr(meths[0], "supports_row_prompts", False):
             kinds = [type(self.peft_config[n]).__name__ for n in prompt]
             raise ValueError(f"adapter_names: per-sample prompts need adapters of one method that supports them "
                              f"(prefix tuning or prompt tuning), got {kinds}")
-        tokens = {self.peft_config[n].num_virtual_tokens for n in prompt}
-        if len(tokens) > 1:
-            raise ValueError(f"adapter_names: per-sample prompts need the same num_virtual_tokens, got "
-                             f"{ {n: self.peft_config[n].num_virtual_tokens for n in prompt} }")
-        return [self._methods[n] for n in names]
+        return [None if n == BASE else self._methods[n] for n in names]
 
     def forward(self, *args, adapter_names: Optional[Sequence[str]] = None, **kwargs):
         model = self.base_model.model
         rows = self._row_prompts(adapter_names)
         if rows is not None:  # one prompt-learning adapter per sample over the shared frozen model
-            return rows[0].wrap_forward(model, args, kwargs, rows=rows)
+            return next(m for m in rows if m is not None).wrap_forward(model, args, kwargs, rows=rows)
         with self._mixed_batch(adapter_names):
             meth = self._prompt_method()
             return model(*args, **kwargs) if meth is None else meth.wrap_forward(model, args, kwargs)
@@ -324,7 +322,7 @@ class PeftModel(nn.Module):
             kwargs["input_ids"] = args[0]
         rows = self._row_prompts(adapter_names)
         if rows is not None:
-            return rows[0].generate(model.generate, kwargs, rows=rows)
+            return next(m for m in rows if m is not None).generate(model.generate, kwargs, rows=rows)
         with self._mixed_batch(adapter_names):
             meth = self._prompt_method()
             return model.generate(**kwargs) if meth is None else meth.generate(model.generate, kwargs)

@@ -9,6 +9,14 @@
   they are the cache), and position ids are the forward's (``0 ..`` / ``P ..``, padding not
   skipped), so greedy ``generate`` equals greedy decoding through the forward. The placeholders
   are removed from the returned sequences.
+* Per-sample adapters (``adapter_names=[...]``) of different ``num_virtual_tokens``, and
+  ``"__base__"`` rows (no virtual tokens), on Hugging Face text models: every row gets
+  ``P = max`` virtual slots, its own ``P_i`` first and ``P - P_i`` padding slots after them with
+  attention mask 0 (prompts: ``[prompts_i ; padding ; tokens]``; prefixes: padded cache entries),
+  and explicit position ids that continue from ``P_i`` as each adapter alone would (the tokens
+  at ``P_i + j``, prompts at ``0 .. P_i - 1``), so each row's outputs equal its adapter run alone
+  (prompt tuning: at the same positions, the padding slots' outputs being don't-cares). Models
+  whose forward takes no ``position_ids`` are refused (the padding would shift the positions).
 * HF ViT: prefixes through fastpeft's fused prefix attention in each attention module, visual
   prompts inserted after the embeddings by forward hooks. Both are installed once and act only
   while a ``PeftModel`` call with that adapter runs (a :class:`Feed` holds the live tensors).
@@ -25,7 +33,7 @@ from torch import nn
 from fastpeft._dropout import dropout_with_seed, new_seed
 from fastpeft.methods.base import Journal, first_param, get_module
 
-__all__ = ["bind", "row_index", "Feed",
+__all__ = ["bind", "row_index", "row_lens", "pad_virtual", "Feed",
            "embeds_forward", "cache_forward", "prompt_generate", "install_attention_prefix",
            "install_vpt_hooks", "uninstall", "input_embeddings"]
 
@@ -40,14 +48,50 @@ def bind(model: nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 def row_index(rows: list, batch: int, device) -> tuple:
-    """For per-sample adapters (``rows``: one method per sample): the distinct methods and, for each
-    of ``batch`` rows, the index of its method (``batch`` may be a multiple of ``len(rows)``:
-    ``generate`` expands each sample to its beams / returned sequences, consecutively)."""
-    uniq = list(dict.fromkeys(rows))
+    """For per-sample adapters (``rows``: one method per sample, None for a ``"__base__"`` row):
+    the distinct methods and, for each of ``batch`` rows, the index of its method (``len(uniq)``
+    for base rows; ``batch`` may be a multiple of ``len(rows)``: ``generate`` expands each sample
+    to its beams / returned sequences, consecutively)."""
+    uniq = [m for m in dict.fromkeys(rows) if m is not None]
     if batch % len(rows):
         raise ValueError(f"adapter_names: expected one name per sample ({batch}), got {len(rows)}")
-    idx = torch.tensor([uniq.index(m) for m in rows], dtype=torch.long, device=device)
+    idx = torch.tensor([len(uniq) if m is None else uniq.index(m) for m in rows], dtype=torch.long, device=device)
     return uniq, idx.repeat_interleave(batch // len(rows))
+
+
+def row_lens(rows: Optional[list], batch: int, device) -> Optional[torch.Tensor]:
+    """``(batch,)`` virtual tokens of each row (0 for ``"__base__"`` rows, None in ``rows``), or
+    None when every row has the same number (no padding needed)."""
+    if rows is None:
+        return None
+    lens = [0 if m is None else m.config.num_virtual_tokens for m in rows]
+    if len(set(lens)) == 1:
+        return None
+    if batch % len(rows):
+        raise ValueError(f"adapter_names: expected one name per sample ({batch}), got {len(rows)}")
+    return torch.tensor(lens, dtype=torch.long, device=device).repeat_interleave(batch // len(rows))
+
+
+def pad_virtual(t: torch.Tensor, dim: int, P: int) -> torch.Tensor:
+    """``t`` zero-padded after its entries along ``dim`` to ``P`` virtual tokens."""
+    n = P - t.shape[dim]
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t, t.new_zeros(shape)], dim)
+
+
+def _virtual_mask(lens: torch.Tensor, P: int) -> torch.Tensor:
+    """``(B, P)`` bool: slot j of row i holds one of its ``lens[i]`` virtual tokens."""
+    return torch.arange(P, device=lens.device) < lens[:, None]
+
+
+def _need_position_ids(model, what: str) -> None:
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"adapter_names: {what} adapters of different num_virtual_tokens (or '__base__' rows) "
+                         f"pad the shorter rows with masked virtual tokens, which needs explicit position ids; "
+                         f"{type(model).__name__}.forward takes no position_ids")
 
 
 def input_embeddings(model: nn.Module) -> nn.Module:
@@ -84,16 +128,28 @@ def _prepend_mask(mask: Optional[torch.Tensor], B: int, P: int, S: int, device) 
     return torch.cat([torch.ones(B, P, dtype=mask.dtype, device=mask.device), mask], dim=1)
 
 
-def embeds_forward(model, prompts: Callable[[int], torch.Tensor], P: int, task_type, call, kw: dict):
-    """Prompt tuning as ``peft.PeftModelFor*.forward``: ``[prompts ; embeds]``."""
+def embeds_forward(model, prompts: Callable[[int], torch.Tensor], P: int, task_type, call, kw: dict,
+                   lens: Optional[Callable[[int], Optional[torch.Tensor]]] = None):
+    """Prompt tuning as ``peft.PeftModelFor*.forward``: ``[prompts ; embeds]``; ``lens``: ``B ->``
+    each row's virtual tokens (:func:`row_lens`; P is then their max, the rest padding)."""
     input_ids, inputs_embeds = kw.pop("input_ids", None), kw.pop("inputs_embeds", None)
     mask, labels = kw.pop("attention_mask", None), kw.pop("labels", None)
-    B = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
-    if mask is not None:
+    ref = input_ids if input_ids is not None else inputs_embeds
+    B = ref.shape[0]
+    kw.pop("position_ids", None)  # PEFT drops them (prompt tuning positions are 0 .. P + S - 1)
+    n = lens(B) if lens is not None else None
+    if n is not None:
+        _need_position_ids(model, "prompt tuning")
+        S = ref.shape[1]
+        vm = _virtual_mask(n, P)
+        mask = torch.cat([vm.long() if mask is None else vm.to(mask.dtype),
+                          torch.ones(B, S, dtype=torch.long, device=ref.device) if mask is None else mask], 1)
+        kw["position_ids"] = torch.cat([torch.where(vm, torch.arange(P, device=ref.device), 0),
+                                        n[:, None] + torch.arange(S, device=ref.device)], 1)
+    elif mask is not None:
         mask = _prepend_mask(mask, B, P, mask.shape[1], mask.device)
     if kw.get("token_type_ids") is not None:
         kw["token_type_ids"] = None  # PEFT drops them: they would not cover the virtual tokens
-    kw.pop("position_ids", None)
     if inputs_embeds is None:
         inputs_embeds = input_embeddings(model)(input_ids)
     if labels is not None:
@@ -104,37 +160,59 @@ def embeds_forward(model, prompts: Callable[[int], torch.Tensor], P: int, task_t
     return call(inputs_embeds=embeds, attention_mask=mask, **kw)
 
 
-def cache_forward(model, layers: Callable[[int], list], P: int, call, kw: dict):
-    """Prefix tuning as PEFT: per-layer prefixes as a ``DynamicCache`` in front of the tokens."""
+def cache_forward(model, layers: Callable[[int], list], P: int, call, kw: dict,
+                  lens: Optional[Callable[[int], Optional[torch.Tensor]]] = None):
+    """Prefix tuning as PEFT: per-layer prefixes as a ``DynamicCache`` in front of the tokens;
+    ``lens`` as in :func:`embeds_forward` (padded cache entries masked out)."""
     input_ids, inputs_embeds, mask = kw.get("input_ids"), kw.get("inputs_embeds"), kw.pop("attention_mask", None)
-    B = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
-    if mask is not None:
-        mask = _prepend_mask(mask, B, P, mask.shape[1], mask.device)
+    ref = input_ids if input_ids is not None else inputs_embeds
+    B = ref.shape[0]
+    n = lens(B) if lens is not None else None
+    if n is not None:
+        _need_position_ids(model, "prefix tuning")
+        S = ref.shape[1]
+        vm = _virtual_mask(n, P)
+        mask = torch.cat([vm.long() if mask is None else vm.to(mask.dtype),
+                          torch.ones(B, S, dtype=torch.long, device=ref.device) if mask is None else mask], 1)
+        pos = kw.get("position_ids")
+        pos = torch.arange(S, device=ref.device).expand(B, -1) if pos is None else pos
+        kw["position_ids"] = pos + n[:, None]
+    else:
+        if mask is not None:
+            mask = _prepend_mask(mask, B, P, mask.shape[1], mask.device)
+        if kw.get("position_ids") is not None:
+            kw["position_ids"] = kw["position_ids"] + P
     if kw.get("token_type_ids") is not None:
         kw["token_type_ids"] = None
-    if kw.get("position_ids") is not None:
-        kw["position_ids"] = kw["position_ids"] + P
     kw[_cache_key(model)] = make_cache(model, layers(B))
     return call(attention_mask=mask, **kw)
 
 
 def prompt_generate(model, generate: Callable, kw: dict, P: int, prompts: Optional[Callable] = None,
-                    layers: Optional[Callable] = None):
+                    layers: Optional[Callable] = None, lens: Optional[Callable] = None):
     """``model.generate`` with ``P`` virtual tokens in front: prompt embeddings (``prompts``) or
-    cached prefixes (``layers``); see the module docstring."""
+    cached prefixes (``layers``); ``lens`` as in :func:`embeds_forward`; see the module docstring."""
     input_ids, inputs_embeds = kw.pop("input_ids", None), kw.pop("inputs_embeds", None)
     if input_ids is None and inputs_embeds is None:
         raise ValueError("generate: expected input_ids or inputs_embeds")
     ref = input_ids if input_ids is not None else inputs_embeds
     B, S, dev = ref.shape[0], ref.shape[1], ref.device
+    n = lens(B) if lens is not None else None
     mask = _prepend_mask(kw.pop("attention_mask", None), B, P, S, dev)
+    if n is not None:
+        _need_position_ids(model, "prompt tuning" if prompts is not None else "prefix tuning")
+        vm = _virtual_mask(n, P)
+        mask[:, :P] = vm.to(mask.dtype)
     gc = getattr(model, "generation_config", None)
     if "max_new_tokens" not in kw and getattr(gc, "max_new_tokens", None) is None:
         kw["max_length"] = kw.get("max_length", getattr(gc, "max_length", None) or 20) + P
     if kw.get("min_length"):
         kw["min_length"] += P
     pos = kw.pop("position_ids", None)
-    if "position_ids" in inspect.signature(model.forward).parameters:
+    if n is not None:  # per row: virtual tokens 0 .. P_i - 1 (padding slots: 0), tokens from P_i
+        pos = torch.arange(S, device=dev).expand(B, -1) if pos is None else pos
+        kw["position_ids"] = torch.cat([torch.where(vm, torch.arange(P, device=dev), 0), pos + n[:, None]], 1)
+    elif "position_ids" in inspect.signature(model.forward).parameters:
         pos = torch.arange(P + S, device=dev).expand(B, -1) if pos is None else \
             torch.cat([torch.arange(P, device=dev).expand(B, -1), pos + P], 1)
         kw["position_ids"] = pos

@@ -7,6 +7,9 @@ fastpeft's prefix attention in its attention modules; other HF models get them a
 ``DynamicCache`` of ``past_key_values`` (``generate`` included, KV cache and all).
 With ``adapter_names=[...]`` naming prefix adapters, each sample gets its own adapter's prefixes
 (Bp = B in prefix attention, a per-sample cache for HF text models) over the one frozen model.
+On HF text models (the cache) those adapters may differ in ``num_virtual_tokens`` and
+``"__base__"`` rows may join (padded cache entries masked out, see ``_prompting``); fastpeft's
+ViT / BERT and HF ViT refuse both (``prefix_attention`` attends to every prefix key).
 """
 from __future__ import annotations
 
@@ -100,16 +103,32 @@ class PrefixTuningMethod(PeftMethod):
 
     def _layers(self, rows):
         """``B -> per-layer (k, v)``: this adapter's prefixes expanded to B, or each sample's own
-        (``rows``: one method per sample), ``(B, Hkv, P, hd)`` each: Bp = B in prefix_attention."""
+        (``rows``: one method per sample, None for ``"__base__"``), ``(B, Hkv, P, hd)`` each: Bp = B
+        in prefix_attention; P the largest ``num_virtual_tokens``, shorter prefixes (and base
+        rows) zero-padded after their entries (masked out by the caller)."""
         if rows is None:
             return lambda B: self.encoder(batch_size=B)
+        P = _max_tokens(rows)
 
         def per_row(B):
             uniq, idx = feed.row_index(rows, B, first_param(self.encoder).device)
-            per = [m.encoder() for m in uniq]  # each: per-layer (1, Hkv, P, hd)
+            per = [[tuple(feed.pad_virtual(t, 2, P) for t in kv) for kv in m.encoder()] for m in uniq]
+            if any(m is None for m in rows):  # base rows: every slot padding
+                per.append([tuple(torch.zeros_like(t) for t in kv) for kv in per[0]])
             return [tuple(torch.cat([p[i][j] for p in per]).index_select(0, idx) for j in (0, 1))
                     for i in range(len(per[0]))]
         return per_row
+
+    def _lens(self, rows):
+        if feed.row_lens(rows, len(rows), "cpu") is None:
+            return None
+        if self.family.prefix != "cache":
+            names = {m.name: m.config.num_virtual_tokens for m in rows if m is not None}
+            raise ValueError(f"adapter_names: on {self.family.name} models prefixes run through fastpeft's "
+                             f"prefix_attention, which attends to every prefix key (no mask over them), so per-sample "
+                             f"prefix adapters need the same num_virtual_tokens and no '__base__' rows; got "
+                             f"{names}{' and __base__ rows' if None in rows else ''}")
+        return lambda B: feed.row_lens(rows, B, first_param(self.encoder).device)
 
     def _batch_size(self, args, kwargs) -> int:
         kw = feed.bind(self.model, args, kwargs)
@@ -125,6 +144,7 @@ class PrefixTuningMethod(PeftMethod):
         dt = first_param(self.model).dtype
         kind = self.family.prefix
         layers = self._layers(rows)
+        lens = self._lens(rows) if rows is not None else None
         if kind in ("native", "attention"):
             # Bp = 1 (one prefix shared by the batch, never expanded) or Bp = B (one per sample)
             kv = self.encoder() if rows is None else layers(self._batch_size(args, kwargs))
@@ -139,10 +159,16 @@ class PrefixTuningMethod(PeftMethod):
             finally:
                 self.feed.value = None
         kw = feed.bind(self.model, args, kwargs)
-        return feed.cache_forward(self.model, layers, self.config.num_virtual_tokens, call, kw)
+        P = self.config.num_virtual_tokens if rows is None else _max_tokens(rows)
+        return feed.cache_forward(self.model, layers, P, call, kw, lens=lens)
 
     def generate(self, generate, kwargs, rows=None):
         if self.family.prefix != "cache":
             raise ValueError(f"generate: prefix tuning on {self.family.name} models has no generation")
-        return feed.prompt_generate(self.model, generate, dict(kwargs), self.config.num_virtual_tokens,
-                                    layers=self._layers(rows))
+        P = self.config.num_virtual_tokens if rows is None else _max_tokens(rows)
+        return feed.prompt_generate(self.model, generate, dict(kwargs), P, layers=self._layers(rows),
+                                    lens=self._lens(rows) if rows is not None else None)
+
+
+def _max_tokens(rows) -> int:
+    return max(m.config.num_virtual_tokens for m in rows if m is not None)

@@ -1,6 +1,8 @@
 """Prompt tuning (``peft_type`` "PROMPT_TUNING", Lester et al.): learned virtual-token embeddings
 in front of the input embeddings of a Hugging Face model (or fastpeft's BERT), fed as PEFT feeds
-them; ``generate`` decodes with them (KV cache and all)."""
+them; ``generate`` decodes with them (KV cache and all). Per-sample adapters (``adapter_names``)
+may differ in ``num_virtual_tokens`` (shorter prompts padded with masked virtual tokens, see
+``_prompting``); ``"__base__"`` rows (all virtual tokens masked) on causal LMs only."""
 from __future__ import annotations
 
 import dataclasses
@@ -106,20 +108,52 @@ class PromptTuningMethod(PeftMethod):
 
     def _prompts(self, rows):
         """``B -> (B, P, D)`` prompts: this adapter's for every sample, or each sample's own
-        (``rows``: one method per sample; gradients reach each adapter from its samples only)."""
+        (``rows``: one method per sample, None for ``"__base__"``; gradients reach each adapter
+        from its samples only); P the largest ``num_virtual_tokens``, shorter prompts (and base
+        rows) zero-padded after theirs (masked out by the caller)."""
         if rows is None:
             return self.encoder
+        P = self._P(rows)
 
         def per_row(B):
             uniq, idx = feed.row_index(rows, B, self.encoder.embedding.weight.device)
-            return torch.stack([m.encoder() for m in uniq]).index_select(0, idx)
+            per = [feed.pad_virtual(m.encoder(), 0, P) for m in uniq]
+            if any(m is None for m in rows):
+                per.append(torch.zeros_like(per[0]))
+            return torch.stack(per).index_select(0, idx)
         return per_row
+
+    def _P(self, rows) -> int:
+        return self.config.num_virtual_tokens if rows is None else \
+            max(m.config.num_virtual_tokens for m in rows if m is not None)
+
+    def _lens(self, rows):
+        if rows is None or feed.row_lens(rows, len(rows), "cpu") is None:
+            return None
+        if None in rows and not _is_causal_lm(self.model, self.config.task_type):
+            raise ValueError(f"adapter_names: '__base__' rows with prompt tuning need a causal LM (task_type "
+                             f"'CAUSAL_LM' or a transformers causal-LM class), got {type(self.model).__name__} "
+                             f"(task_type {self.config.task_type!r}): a base row starts with masked virtual tokens, "
+                             f"and the model may read a fixed position (e.g. a [CLS] pooler); run the base rows in "
+                             f"their own batch")
+        return lambda B: feed.row_lens(rows, B, self.encoder.embedding.weight.device)
 
     def wrap_forward(self, call, args, kwargs, rows=None):
         kw = feed.bind(self.model, args, kwargs)
-        return feed.embeds_forward(self.model, self._prompts(rows), self.config.num_virtual_tokens,
-                                   self.config.task_type, call, kw)
+        return feed.embeds_forward(self.model, self._prompts(rows), self._P(rows), self.config.task_type, call, kw,
+                                   lens=self._lens(rows))
 
     def generate(self, generate, kwargs, rows=None):
-        return feed.prompt_generate(self.model, generate, dict(kwargs), self.config.num_virtual_tokens,
-                                    prompts=self._prompts(rows))
+        return feed.prompt_generate(self.model, generate, dict(kwargs), self._P(rows), prompts=self._prompts(rows),
+                                    lens=self._lens(rows))
+
+
+def _is_causal_lm(model, task_type) -> bool:
+    """Decoder-only LMs read no fixed position (each token sees the ones before it)."""
+    if task_type == "CAUSAL_LM":
+        return True
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return False
+    return type(model).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())

@@ -124,10 +124,10 @@ def test_mixed_batch_on_reference_vit_and_adapters():
 
 
 def test_mixed_batch_refused_where_it_cannot_run():
-    pm = fastpeft.get_peft_model(build("hf_llama"), fastpeft.PromptTuningConfig(num_virtual_tokens=2))
+    pm = fastpeft.get_peft_model(build("hf_bert"), fastpeft.PromptTuningConfig(num_virtual_tokens=2))
     kw = FAMILIES["hf_llama"][1]()
-    with pytest.raises(ValueError, match="adapter_names"):  # per-sample prompts: no "__base__" rows
-        pm(**kw, adapter_names=["default", "__base__"])
+    with pytest.raises(ValueError, match="adapter_names: '__base__' rows with prompt tuning need a causal LM"):
+        pm(**FAMILIES["hf_bert"][1](), adapter_names=["default", "__base__"])  # causal LMs: test_per_sample_prompts
     pb = fastpeft.get_peft_model(build("hf_bert"), fastpeft.BitFitConfig())
     with pytest.raises(ValueError, match="BitFitConfig"):
         pb(**FAMILIES["hf_bert"][1](), adapter_names=["default", "__base__"])

@@ -96,13 +96,142 @@ def test_training_updates_only_each_samples_adapter(family, kind):
 def test_refused_where_it_cannot_run():
     fp = _model("hf_llama", "prefix")
     kw = _inputs("hf_llama", 2)
-    with pytest.raises(ValueError, match="cannot be mixed"):
-        fp(**kw, adapter_names=["u0", "__base__"])
-    fp.add_adapter("short", fastpeft.PrefixTuningConfig(num_virtual_tokens=P + 1))
-    with pytest.raises(ValueError, match="same num_virtual_tokens"):
-        fp(**kw, adapter_names=["u0", "short"])
     fp.add_adapter("pt", fastpeft.PromptTuningConfig(num_virtual_tokens=P))
     with pytest.raises(ValueError, match="one method"):
         fp(**kw, adapter_names=["u0", "pt"])
     with pytest.raises(ValueError, match="one name per sample"):
         fp(**_inputs("hf_llama", 3), adapter_names=["u0", "u1"])
+    fp.add_adapter("l", fastpeft.LoraConfig(r=2))
+    with pytest.raises(ValueError, match=r"\['l'\] cannot be mixed"):
+        fp(**kw, adapter_names=["u0", "l"])
+
+
+# ---- different num_virtual_tokens and "__base__" rows in one batch ---------------------------
+LENS = {"u0": 3, "u1": 1, "u2": 5}
+RAGGED = ["u2", "__base__", "u0", "u1", "u2", "u1"]
+
+
+def _ragged_model(family, kind):
+    cfg = fastpeft.PrefixTuningConfig if kind == "prefix" else fastpeft.PromptTuningConfig
+    fp = fastpeft.get_peft_model(copy.deepcopy(build(family)), cfg(num_virtual_tokens=LENS["u0"]), adapter_name="u0")
+    for n in ("u1", "u2"):
+        fp.add_adapter(n, cfg(num_virtual_tokens=LENS[n]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in fp.prompt_encoder.parameters():
+            p.normal_(0, 1.0)
+    return fp.eval()
+
+
+def _alone(fp, name, **kw):
+    if name == "__base__":
+        with fp.disable_adapter():
+            return fp(**kw)
+    fp.set_adapter(name)
+    return fp(**kw)
+
+
+def _token_part(out, kind, P, S):
+    """The outputs at the text tokens (prompt tuning returns the virtual positions too)."""
+    return out[:, P:] if kind == "prompt" and out.dim() == 3 and out.shape[1] == P + S else out
+
+
+RAGGED_CASES = [("hf_llama", "prefix"), ("hf_llama", "prompt"), ("hf_gpt2", "prefix"), ("hf_gpt2", "prompt"),
+                ("hf_bert", "prefix")]
+
+
+@pytest.mark.parametrize("family,kind", RAGGED_CASES, ids=[f"{f}-{k}" for f, k in RAGGED_CASES])
+def test_mixed_num_virtual_tokens_and_base_rows_equal_each_alone(family, kind):
+    fp = _ragged_model(family, kind)
+    kw = _inputs(family, len(RAGGED))
+    S, Pm = kw["input_ids"].shape[1], max(LENS.values())
+    with torch.no_grad():
+        mixed = _out(family, fp(**kw, adapter_names=RAGGED))
+        for i, n in enumerate(RAGGED):
+            alone = _out(family, _alone(fp, n, **{k: v[i:i + 1] for k, v in kw.items()}))
+            Pi = LENS.get(n, 0)
+            torch.testing.assert_close(_token_part(mixed[i:i + 1], kind, Pm, S), _token_part(alone, kind, Pi, S),
+                                       rtol=1e-5, atol=1e-5, msg=f"row {i} ({n})")
+            if kind == "prompt" and Pi:  # the virtual positions too (the padding slots follow them)
+                torch.testing.assert_close(mixed[i:i + 1, :Pi], alone[:, :Pi], rtol=1e-5, atol=1e-5)
+        assert torch.isfinite(mixed).all()
+
+
+def test_mixed_lengths_without_base_rows_on_an_encoder():
+    """BERT prompt tuning (sequence classification, [CLS] pooler at position 0): different
+    num_virtual_tokens are fine (position 0 stays the first prompt); base rows are refused."""
+    fp = _ragged_model("hf_bert", "prompt")
+    names = ["u2", "u0", "u1", "u2"]
+    kw = _inputs("hf_bert", len(names))
+    with torch.no_grad():
+        mixed = _out("hf_bert", fp(**kw, adapter_names=names))
+        for i, n in enumerate(names):
+            alone = _out("hf_bert", _alone(fp, n, **{k: v[i:i + 1] for k, v in kw.items()}))
+            torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-5, msg=f"row {i} ({n})")
+    with pytest.raises(ValueError, match="'__base__' rows with prompt tuning need a causal LM"):
+        fp(**kw, adapter_names=["u2", "__base__", "u1", "u2"])
+
+
+@pytest.mark.parametrize("family", ["fp_vit", "hf_vit"])
+def test_prefix_attention_families_refuse_ragged_batches(family):
+    fp = _ragged_model(family, "prefix")
+    kw = _inputs(family, 3)
+    with pytest.raises(ValueError, match="prefix_attention, which attends to every prefix key"):
+        fp(**kw, adapter_names=["u0", "u1", "u0"])
+    with pytest.raises(ValueError, match="__base__ rows"):
+        fp(**kw, adapter_names=["u0", "__base__", "u0"])
+    fp(**kw, adapter_names=["u0", "u0", "u0"])  # same lengths, no base rows: still fine
+
+
+@pytest.mark.parametrize("family", ["hf_llama", "hf_gpt2"])
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_generate_mixed_num_virtual_tokens_and_base_rows(family, kind):
+    fp = _ragged_model(family, kind)
+    ids = torch.randint(1, 60, (len(RAGGED), 5), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[3, :2] = 0  # a left-padded row
+    gk = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    mixed = fp.generate(input_ids=ids, attention_mask=mask, adapter_names=RAGGED, **gk)
+    for i, n in enumerate(RAGGED):
+        row = dict(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1], **gk)
+        if n == "__base__":
+            with fp.disable_adapter():
+                alone = fp.generate(**row)
+        else:
+            fp.set_adapter(n)
+            alone = fp.generate(**row)
+        assert torch.equal(mixed[i:i + 1], alone), (i, n)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_training_mixed_lengths_gradients_equal_each_adapter_alone(kind):
+    fp = _ragged_model("hf_llama", kind)
+    fp.train()
+    params = dict(fp.prompt_encoder.named_parameters())
+    for p in params.values():
+        p.requires_grad_(True)
+    kw = _inputs("hf_llama", len(RAGGED))
+    S, Pm = kw["input_ids"].shape[1], max(LENS.values())
+
+    def loss(out, P):  # per-row losses over the text tokens
+        return _token_part(out, kind, P, S).float().log_softmax(-1)[..., 0].mean(1)
+
+    def grads(total):
+        fp.zero_grad(set_to_none=True)
+        total.backward()
+        return {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in params.items()}
+
+    mixed = grads(loss(_out("hf_llama", fp(**kw, adapter_names=RAGGED)), Pm).sum())
+    expect = {n: torch.zeros_like(g) for n, g in mixed.items()}
+    for i, n in enumerate(RAGGED):
+        if n == "__base__":
+            continue
+        fp.set_adapter(n)
+        for p in params.values():
+            p.requires_grad_(True)
+        out = _out("hf_llama", fp(**{k: v[i:i + 1] for k, v in kw.items()}))
+        for k, g in grads(loss(out, LENS[n]).sum()).items():
+            expect[k] += g
+    for k in mixed:
+        torch.testing.assert_close(mixed[k], expect[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert all(mixed[k].abs().sum() > 0 for k in mixed)
