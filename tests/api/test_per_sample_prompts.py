@@ -235,3 +235,17 @@ def test_training_mixed_lengths_gradients_equal_each_adapter_alone(kind):
     for k in mixed:
         torch.testing.assert_close(mixed[k], expect[k], rtol=1e-4, atol=1e-6, msg=k)
     assert all(mixed[k].abs().sum() > 0 for k in mixed)
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_ragged_batch_refused_without_position_ids(kind, monkeypatch):
+    fp = _ragged_model("hf_llama", kind)
+    model = fp.base_model.model
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda input_ids=None, attention_mask=None, inputs_embeds=None,
+                        past_key_values=None, **kw: real(input_ids=input_ids, attention_mask=attention_mask,
+                                                         inputs_embeds=inputs_embeds, past_key_values=past_key_values))
+    kw = _inputs("hf_llama", 3)
+    with pytest.raises(ValueError, match="needs explicit position ids; .*forward takes no position_ids"):
+        fp(**kw, adapter_names=["u0", "u1", "u0"])
+    fp(**kw, adapter_names=["u0", "u0", "u0"])  # same lengths: no padding, no position ids needed
