@@ -120,6 +120,17 @@ def main(path: str) -> int:
                               for s in enc) + " |")
     lines.append("| encoder LoRA step, HF PEFT time / fastpeft time, BERT-base-width | ≥ 1.3× | "
                  f"{ratio(ms('encoder', 'peft', 'full', enc[1]), ms('encoder', 'fastpeft', 'full', enc[1]))} |")
+    # issue 14: 8 adapters in one batch (fastpeft/bench/multi_lora.py's CPU plan); `single` is
+    # fastpeft.lora_linear with one adapter for the whole batch, `peft` PEFT's adapter_names= forward
+    ml = ["T=4096 (16x256) K=768 N=768 r=16 n=8 " + kind for kind in ("uniform", "zipf")]
+    lines.append("| multi_lora, 8 adapters in one batch (4096 tokens in 16 samples, 768×768, r=16), training step "
+                 "vs fastpeft's single-adapter step, uniform / Zipf | ≤ 1.25× | "
+                 + " / ".join(ratio(ms("multi_lora", "fastpeft", "full", s), ms("multi_lora", "single", "full", s))
+                              for s in ml) + " |")
+    lines.append("| multi_lora, 8 adapters, HF PEFT `adapter_names=` forward time / fastpeft forward time, "
+                 "uniform / Zipf | ≥ 3× | "
+                 + " / ".join(ratio(ms("multi_lora", "peft", "fwd", s), ms("multi_lora", "fastpeft", "fwd", s))
+                              for s in ml) + " |")
     print("\n".join(lines))
     return 0
 
