@@ -27,6 +27,17 @@ from fastpeft.ops.multi_lora import multi_lora_linear, stack_lora_weights
 __all__ = ["LoRALayer", "LoRALinear", "DoRAMagnitude", "is_conv1d"]
 
 _INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
+#: reasons a LoRALinear mixed batch ran the per-adapter loop, already warned about (once each)
+_LOOP_WARNED: set = set()
+
+
+def _warn_loop(reason: str) -> None:
+    if reason not in _LOOP_WARNED:
+        _LOOP_WARNED.add(reason)
+        import warnings
+
+        warnings.warn(f"LoRALinear: an adapter_names= mixed batch runs the per-adapter loop, not the fused "
+                      f"multi_lora_linear: {reason}", RuntimeWarning, stacklevel=4)
 
 
 def is_conv1d(m: nn.Module) -> bool:
@@ -469,10 +480,14 @@ class LoRALinear(LoRALayer):
         W = self._weight()
         mixed = x.dtype != W.dtype or any(self.lora_A[n].weight.dtype != x.dtype for n in used)
         if mixed and autocast_dtype(x.device) is None:
-            return None  # mixed dtypes outside autocast: the per-adapter loop casts per adapter (as PEFT)
+            # the per-adapter loop casts per adapter (as PEFT); the fused op takes one dtype
+            _warn_loop("the input, base weight and adapter dtypes differ outside autocast")
+            return None
         drops = {self.lora_dropout[n] for n in used}
         if self.training and len(drops) > 1:
-            return None  # one dropout rate per fused call
+            _warn_loop(f"the batch's adapters have different dropout rates in training ({sorted(drops)}); "
+                       f"the fused op takes one rate per call")
+            return None
         A, B = stack_lora_weights([self.lora_A[n].weight for n in used], [self._B_full(n) for n in used])
         index = {n: i for i, n in enumerate(used)}
         ids = torch.tensor([index.get(n, -1) for n in names], dtype=torch.long, device=x.device)

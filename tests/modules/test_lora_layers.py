@@ -73,3 +73,33 @@ def test_embedding_and_conv_refuse_linear_only_inits():
         fastpeft.LoRAEmbedding(nn.Embedding(4, 4), init_lora_weights="pissa")
     with pytest.raises(ValueError, match="groups"):
         fastpeft.LoRAConv2d(nn.Conv2d(4, 4, 3, groups=4), r=2)
+
+
+def test_mixed_batch_loop_fallback_warns_once(monkeypatch):
+    """Different dropout rates in one training batch cannot share the fused call: the per-adapter
+    loop runs, with one RuntimeWarning naming why (never silently), and still gives each row its
+    own adapter."""
+    import fastpeft.modules.lora as mod
+    monkeypatch.setattr(mod, "_LOOP_WARNED", set())
+    torch.manual_seed(0)
+    layer = fastpeft.LoRALinear(nn.Linear(16, 8), r=4, lora_dropout=0.1, init_lora_weights=False)
+    layer.update_layer("b", 2, 4.0, lora_dropout=0.2, init_lora_weights=False)
+    layer.train()
+    x = torch.randn(3, 16)
+    layer.batch_adapters = ["b", "__base__", "default"]
+    with pytest.warns(RuntimeWarning, match="different dropout rates"):
+        y = layer(x)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x)  # once per reason
+    layer.batch_adapters = None
+    assert_close(y[1], layer.base_layer(x)[1], torch.float32, "base row")
+    layer.eval()  # eval: no dropout, the fused path again (no warning), same rows as each adapter alone
+    layer.batch_adapters = ["b", "__base__", "default"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mixed = layer(x)
+    layer.batch_adapters = None
+    layer.set_adapter("b")
+    assert_close(mixed[0], layer(x)[0], torch.float32, "row b")
