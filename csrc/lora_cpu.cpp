@@ -410,8 +410,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
       }
     });
     // Fixed chunks summed in chunk order: the same bits on every call with this thread count.
-    dA = (nch == 1 ? dA_part[0] : dA_part.sum(0)).t().contiguous();
-    dB = nch == 1 ? dB_part[0] : dB_part.sum(0);
+    dA = fastpeft::sum_parts(dA_part, true, r, x.scalar_type());
+    dB = fastpeft::sum_parts(dB_part, false, r, x.scalar_type());
     if (need_x && !blocked) fastpeft::gemm(dy, weight, dx, 1.0, 1.0, cfg.lib);  // dx += dy·W (multi-threaded)
   }
   if (need_x && M == 0) dx.zero_();
@@ -596,10 +596,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowp_bwd_impl(
         }
       }
     });
-    const Tensor dAs = nch == 1 ? dA_part[0] : dA_part.sum(0);
-    const Tensor dBs = nch == 1 ? dB_part[0] : dB_part.sum(0);
-    dA = dAs.narrow(1, 0, r).t().to(x.scalar_type()).contiguous();
-    dB = dBs.narrow(1, 0, r).to(x.scalar_type()).contiguous();
+    dA = fastpeft::sum_parts(dA_part, true, r, x.scalar_type());
+    dB = fastpeft::sum_parts(dB_part, false, r, x.scalar_type());
     if (need_x && !blocked) fastpeft::gemm(dy, weight, dx, 1.0, 1.0, cfg.lib);
   }
   if (need_x && M == 0) dx.zero_();
@@ -716,7 +714,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowp_bwd_gemm(
         }
       }
     });
-    dA = (nch == 1 ? dA_part[0] : dA_part.sum(0)).narrow(1, 0, r).t().to(x.scalar_type()).contiguous();
+    dA = fastpeft::sum_parts(dA_part, true, r, x.scalar_type());
   }
   Tensor dW = need_weight ? at::mm(dy.t(), x) : at::empty({0}, opts);
   Tensor db = need_bias ? dy.sum(0) : at::empty({0}, opts);

@@ -31,7 +31,7 @@ def check_tensor(name: str, t, *, ndim: Optional[int] = None, min_ndim: Optional
         raise ValueError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {t.dtype}")
     if dtype is not None and t.dtype != dtype:
         raise ValueError(f"{name}: expected dtype {dtype} (to match the input), got {t.dtype}")
-    if device is not None and t.device != torch.device(device):
+    if device is not None and t.device != (device if isinstance(device, torch.device) else torch.device(device)):
         raise ValueError(f"{name}: expected device {device} (to match the input), got {t.device}")
 
 

@@ -33,7 +33,7 @@ from torch import Tensor
 from fastpeft import _dropout
 from fastpeft._backend import get_kernel, select_backend
 from fastpeft._validate import FLOAT_DTYPES, check_dropout, check_optional, check_scaling, check_tensor
-from fastpeft.ops._common import autocast_dtype, cast_all, none_if_empty
+from fastpeft.ops._common import autocast_dtype, cast_all, none_if_empty, run_op
 from fastpeft.reference.adapter import ACTIVATIONS
 
 
@@ -86,7 +86,7 @@ class AdapterFunction(torch.autograd.Function):
         else:
             scale = scale_t.expand(d) if scale_t.dim() == 0 else scale_t
         r2 = None if residual is None else residual.reshape(M, d)
-        y, z = adapter_fwd(x2, down_weight, down_bias, up_weight, up_bias, scale, r2, activation, dropout_p,
+        y, z = run_op(adapter_fwd, x2, down_weight, down_bias, up_weight, up_bias, scale, r2, activation, dropout_p,
                            seed, backend)
         ctx.save_for_backward(x2, down_weight, up_weight, up_bias, z, scale)
         ctx.activation, ctx.dropout_p, ctx.seed, ctx.backend = activation, dropout_p, seed, backend
@@ -104,7 +104,7 @@ class AdapterFunction(torch.autograd.Function):
         need_scale = ctx.scale_dim is not None and nig[5]
         d = x2.shape[1]
         dy2 = dy.reshape(x2.shape[0], d)
-        dx, dWd, dbd, dWu, dbu, ds = adapter_bwd(dy2, x2, down_weight, up_weight, up_bias, z, scale,
+        dx, dWd, dbd, dWu, dbu, ds = run_op(adapter_bwd, dy2, x2, down_weight, up_weight, up_bias, z, scale,
                                                  ctx.activation, ctx.dropout_p, ctx.seed, ctx.residual_is_x,
                                                  need_x, need_scale, ctx.backend)
         dx = dx.view(*dy.shape[:-1], d) if need_x else None

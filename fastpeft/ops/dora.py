@@ -35,7 +35,7 @@ from torch import Tensor
 from fastpeft import _dropout
 from fastpeft._backend import get_kernel, select_backend
 from fastpeft._validate import check_dropout, check_scaling, check_tensor
-from fastpeft.ops._common import autocast_dtype, cast_all, none_if_empty
+from fastpeft.ops._common import autocast_dtype, cast_all, none_if_empty, run_op
 from fastpeft.ops.lora import _check as _check_lora
 from fastpeft.reference.dora import weight_sq_norm
 
@@ -113,7 +113,7 @@ class DoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, dropout_p, seed, backend):
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(math.prod(lead), K)
-        y, t, norm, v = dora_fwd(x2, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, dropout_p, seed,
+        y, t, norm, v = run_op(dora_fwd, x2, weight, bias, lora_A, lora_B, magnitude, w_sq, scaling, dropout_p, seed,
                                  backend)
         drop = seed is not None and dropout_p > 0.0
         # Without dropout the magnitude gradient comes from y itself (same storage as the output).
@@ -127,7 +127,7 @@ class DoRALinearFunction(torch.autograd.Function):
         nig = ctx.needs_input_grad
         need_x, need_w, need_b, need_m = nig[0], nig[1], bias is not None and nig[2], nig[5]
         dy2 = dy.reshape(x2.shape[0], weight.shape[0])
-        dx, dW, db, dA, dB, dm = dora_bwd(dy2, x2, weight, bias, lora_A, lora_B, magnitude, t, norm, yv,
+        dx, dW, db, dA, dB, dm = run_op(dora_bwd, dy2, x2, weight, bias, lora_A, lora_B, magnitude, t, norm, yv,
                                           ctx.scaling, ctx.dropout_p, ctx.seed, need_x, need_w, need_b, need_m,
                                           ctx.backend)
         dx = dx.view(*dy.shape[:-1], x2.shape[1]) if need_x else None

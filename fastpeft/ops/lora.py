@@ -26,7 +26,7 @@ from torch import Tensor
 from fastpeft import _dropout
 from fastpeft._backend import get_kernel, select_backend
 from fastpeft._validate import check_dropout, check_linear, check_scaling, check_tensor
-from fastpeft.ops._common import autocast_dtype, cast_all, none_if_empty
+from fastpeft.ops._common import autocast_dtype, cast_all, none_if_empty, run_op
 
 
 @torch.library.custom_op("fastpeft::lora_fwd", mutates_args=())
@@ -63,7 +63,7 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
         lead, K = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(math.prod(lead), K)  # not (-1, K): that is ambiguous when K = 0
-        y, t = lora_fwd(x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
+        y, t = run_op(lora_fwd, x2, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend)
         ctx.save_for_backward(x2, weight, lora_A, lora_B, t)
         ctx.seed, ctx.scaling, ctx.dropout_p, ctx.backend = seed, scaling, dropout_p, backend
         ctx.has_bias = bias is not None
@@ -75,7 +75,7 @@ class LoRALinearFunction(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], \
             ctx.has_bias and ctx.needs_input_grad[2]
         dy2 = dy.reshape(x2.shape[0], weight.shape[0])
-        dx, dW, db, dA, dB = lora_bwd(dy2, x2, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p,
+        dx, dW, db, dA, dB = run_op(lora_bwd, dy2, x2, weight, lora_A, lora_B, t, ctx.scaling, ctx.dropout_p,
                                       ctx.seed, need_x, need_w, need_b, ctx.backend)
         dx = dx.view(*dy.shape[:-1], x2.shape[1]) if need_x else None
         return (dx, none_if_empty(dW, need_w), none_if_empty(db, need_b), dA, dB,

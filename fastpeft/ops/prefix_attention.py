@@ -29,7 +29,7 @@ from torch import Tensor
 
 from fastpeft._backend import get_kernel, select_backend
 from fastpeft._validate import check_tensor
-from fastpeft.ops._common import autocast_dtype, cast_all, none_if_empty
+from fastpeft.ops._common import autocast_dtype, cast_all, none_if_empty, run_op
 from fastpeft.reference.prefix_attention import lse_dtype
 
 
@@ -71,7 +71,7 @@ class PrefixAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, attn_mask, is_causal, scale, backend):
-        out, lse = prefix_attention_fwd(q, k, v, prefix_k, prefix_v, attn_mask, is_causal, scale, backend)
+        out, lse = run_op(prefix_attention_fwd, q, k, v, prefix_k, prefix_v, attn_mask, is_causal, scale, backend)
         ctx.save_for_backward(q, k, v, prefix_k, prefix_v, attn_mask, out, lse)
         ctx.is_causal, ctx.scale, ctx.backend = is_causal, scale, backend
         return out
@@ -79,7 +79,7 @@ class PrefixAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, prefix_k, prefix_v, attn_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv, dpk, dpv = prefix_attention_bwd(dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse,
+        dq, dk, dv, dpk, dpv = run_op(prefix_attention_bwd, dout, q, k, v, prefix_k, prefix_v, attn_mask, out, lse,
                                                     ctx.is_causal, ctx.scale, ctx.backend)
         nig = ctx.needs_input_grad
         return (none_if_empty(dq, nig[0]), none_if_empty(dk, nig[1]), none_if_empty(dv, nig[2]),
