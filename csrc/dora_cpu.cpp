@@ -141,8 +141,8 @@ void drop_rows(uint32_t seed, uint32_t thr, T scale, int64_t row0, int64_t rows,
       const uint32_t key = fastpeft::dropout_key(seed, static_cast<uint32_t>(hi0));
       const uint32_t lo = static_cast<uint32_t>(base & 0xffffffffLL);
 #pragma omp simd
-      for (int64_t j = 0; j < K; ++j) {
-        const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
+      for (uint32_t j = 0; j < static_cast<uint32_t>(K); ++j) {
+        const bool k = fastpeft::fmix32((lo + j) ^ key) >= thr;
         xo[j] = xr[j] * (k ? scale : T(0));
         if (kr) kr[j] = k;
       }

@@ -103,7 +103,8 @@ uint32_t seed_value(const std::optional<Tensor>& seed) {
 // keep[i*K + j] = dropout_keep(seed, thr, (row0+i)*K + j) for rows [row0, row0+rows); and, when
 // xd != nullptr, xd[i*K + j] = x[i, j] · (keep ? scale : 0) (x read through its strides).
 // The common case (the 32-bit high word of the index constant along a row) is a plain loop
-// the compiler vectorises (vpmulld, 16 lanes with AVX-512).
+// the compiler vectorises (vpmulld, 16 lanes with AVX-512). Its counter is 32-bit (the hash input is lo + j mod 2**32
+// anyway): a 64-bit one made every vector iteration widen and narrow its index (3 more uops).
 // x may be stored narrower than T (bf16 / fp16, widened here).
 template <typename T, typename TI>
 void dropout_rows(uint32_t seed, uint32_t thr, T scale, int64_t row0, int64_t rows, int64_t K,
@@ -121,21 +122,21 @@ void dropout_rows(uint32_t seed, uint32_t thr, T scale, int64_t row0, int64_t ro
       if (xo && sx1 == 1) {
         if (kr) {
 #pragma omp simd
-          for (int64_t j = 0; j < K; ++j) {
-            const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
+          for (uint32_t j = 0; j < static_cast<uint32_t>(K); ++j) {
+            const bool k = fastpeft::fmix32((lo + j) ^ key) >= thr;
             kr[j] = k;
             xo[j] = static_cast<T>(xr[j]) * (k ? scale : T(0));
           }
         } else {
 #pragma omp simd
-          for (int64_t j = 0; j < K; ++j) {
-            const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
+          for (uint32_t j = 0; j < static_cast<uint32_t>(K); ++j) {
+            const bool k = fastpeft::fmix32((lo + j) ^ key) >= thr;
             xo[j] = static_cast<T>(xr[j]) * (k ? scale : T(0));
           }
         }
       } else {
-        for (int64_t j = 0; j < K; ++j) {
-          const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
+        for (uint32_t j = 0; j < static_cast<uint32_t>(K); ++j) {
+          const bool k = fastpeft::fmix32((lo + j) ^ key) >= thr;
           if (kr) kr[j] = k;
           if (xo) xo[j] = static_cast<T>(xr[j * sx1]) * (k ? scale : T(0));
         }

@@ -137,13 +137,13 @@ void copy_row(const T* v, int64_t s1, int64_t idx0, int64_t K, const Drop<T>& d,
     const T scale = d.scale;
     if (s1 == 1) {  // unit stride: 16 hashes per AVX-512 instruction
 #pragma omp simd
-      for (int64_t j = 0; j < K; ++j) {
-        const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
+      for (uint32_t j = 0; j < static_cast<uint32_t>(K); ++j) {
+        const bool k = fastpeft::fmix32((lo + j) ^ key) >= thr;
         o[j] = v[j] * (k ? scale : T(0));  // a multiply: a dropped NaN stays NaN, as the reference
       }
     } else {
-      for (int64_t j = 0; j < K; ++j) {
-        const bool k = fastpeft::fmix32((lo + static_cast<uint32_t>(j)) ^ key) >= thr;
+      for (uint32_t j = 0; j < static_cast<uint32_t>(K); ++j) {
+        const bool k = fastpeft::fmix32((lo + j) ^ key) >= thr;
         o[j] = v[j * s1] * (k ? scale : T(0));
       }
     }
