@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastpeft
+import fastpeft.ops._common
 import fastpeft.ops.adapter
 import fastpeft.ops.lora
 import fastpeft.ops.prefix_attention
@@ -25,7 +26,9 @@ METHODS = {
     "lora-llama": ("hf_llama", lambda: fastpeft.LoraConfig(r=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"])),
     "vpt": ("hf_vit", lambda: fastpeft.VPTConfig(num_prompts=3, deep=True)),
 }
-OP_MODULES = (fastpeft.ops.lora, fastpeft.ops.adapter, fastpeft.ops.prefix_attention)
+# where the kernels are looked up: the ops' torch.library bodies, and run_op (ops/_common.py), which
+# calls the kernel directly in eager mode
+OP_MODULES = (fastpeft.ops.lora, fastpeft.ops.adapter, fastpeft.ops.prefix_attention, fastpeft.ops._common)
 
 
 @pytest.fixture
