@@ -52,21 +52,18 @@ from fastpeft.modules.lora import is_conv1d
 from fastpeft.ops.dora import dora_linear
 from fastpeft.ops._common import autocast_dtype
 from fastpeft.ops.lora import lora_linear
+from fastpeft._warn import warn_once
 from fastpeft.ops.multi_lora import multi_lora_linear, stack_lora_weights
 
 __all__ = ["patch_peft", "unpatch_peft", "patch_summary", "PatchSummary", "FusedPeftLoraLinear"]
 
 log = logging.getLogger("fastpeft")
 _FUSED_CLASSES: Dict[type, type] = {}
-#: reasons a mixed batch ran PEFT's loop that were already warned about (one warning per reason)
-_MIXED_WARNED: set = set()
 
 
 def _warn_mixed_fallback(reason: str) -> None:
-    if reason not in _MIXED_WARNED:
-        _MIXED_WARNED.add(reason)
-        warnings.warn(f"patch_peft: an adapter_names= mixed batch runs PEFT's per-adapter loop, not "
-                      f"fastpeft.multi_lora_linear: {reason}", RuntimeWarning, stacklevel=4)
+    warn_once("patch_peft", reason, f"patch_peft: an adapter_names= mixed batch runs PEFT's per-adapter loop, "
+              f"not fastpeft.multi_lora_linear: {reason}", stacklevel=5)
 
 
 def _is_dora(layer, name: str) -> bool:

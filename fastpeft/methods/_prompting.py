@@ -87,6 +87,15 @@ def _virtual_mask(lens: torch.Tensor, P: int) -> torch.Tensor:
     return torch.arange(P, device=lens.device) < lens[:, None]
 
 
+def _ragged_mask(n: torch.Tensor, P: int, mask: Optional[torch.Tensor], B: int, S: int, device):
+    """For rows with n[i] <= P own virtual tokens: the (B, P) mask of the real virtual slots, and the
+    attention mask over virtual slots then the S tokens (the given ``mask``, or all ones)."""
+    vm = _virtual_mask(n, P)
+    full = torch.cat([vm.long() if mask is None else vm.to(mask.dtype),
+                      torch.ones(B, S, dtype=torch.long, device=device) if mask is None else mask], 1)
+    return vm, full
+
+
 def _need_position_ids(model, what: str) -> None:
     if "position_ids" not in inspect.signature(model.forward).parameters:
         raise ValueError(f"adapter_names: {what} adapters of different num_virtual_tokens (or '__base__' rows) "
@@ -141,9 +150,7 @@ def embeds_forward(model, prompts: Callable[[int], torch.Tensor], P: int, task_t
     if n is not None:
         _need_position_ids(model, "prompt tuning")
         S = ref.shape[1]
-        vm = _virtual_mask(n, P)
-        mask = torch.cat([vm.long() if mask is None else vm.to(mask.dtype),
-                          torch.ones(B, S, dtype=torch.long, device=ref.device) if mask is None else mask], 1)
+        vm, mask = _ragged_mask(n, P, mask, B, S, ref.device)
         kw["position_ids"] = torch.cat([torch.where(vm, torch.arange(P, device=ref.device), 0),
                                         n[:, None] + torch.arange(S, device=ref.device)], 1)
     elif mask is not None:
@@ -171,9 +178,7 @@ def cache_forward(model, layers: Callable[[int], list], P: int, call, kw: dict,
     if n is not None:
         _need_position_ids(model, "prefix tuning")
         S = ref.shape[1]
-        vm = _virtual_mask(n, P)
-        mask = torch.cat([vm.long() if mask is None else vm.to(mask.dtype),
-                          torch.ones(B, S, dtype=torch.long, device=ref.device) if mask is None else mask], 1)
+        vm, mask = _ragged_mask(n, P, mask, B, S, ref.device)
         pos = kw.get("position_ids")
         pos = torch.arange(S, device=ref.device).expand(B, -1) if pos is None else pos
         kw["position_ids"] = pos + n[:, None]

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastpeft._warn import warn_once
 from fastpeft.modules.tuner import TunerLayer
 from fastpeft.ops.dora import dora_linear
 from fastpeft.ops._common import autocast_dtype
@@ -27,17 +28,11 @@ from fastpeft.ops.multi_lora import multi_lora_linear, stack_lora_weights
 __all__ = ["LoRALayer", "LoRALinear", "DoRAMagnitude", "is_conv1d"]
 
 _INITS = "True, False, 'gaussian', 'pissa', 'pissa_niter_<n>' or 'olora'"
-#: reasons a LoRALinear mixed batch ran the per-adapter loop, already warned about (once each)
-_LOOP_WARNED: set = set()
 
 
 def _warn_loop(reason: str) -> None:
-    if reason not in _LOOP_WARNED:
-        _LOOP_WARNED.add(reason)
-        import warnings
-
-        warnings.warn(f"LoRALinear: an adapter_names= mixed batch runs the per-adapter loop, not the fused "
-                      f"multi_lora_linear: {reason}", RuntimeWarning, stacklevel=4)
+    warn_once("LoRALinear", reason, f"LoRALinear: an adapter_names= mixed batch runs the per-adapter loop, not "
+              f"the fused multi_lora_linear: {reason}", stacklevel=5)
 
 
 def is_conv1d(m: nn.Module) -> bool:

@@ -145,3 +145,19 @@ def assert_same_snapshot(a, b):
 
 def fresh_copy(model):
     return copy.deepcopy(model)
+
+
+def assert_rows_match_peft(hp, ours, ids, mask, names):
+    """Row i of the mixed-batch logits ``ours`` equals the HF PEFT model ``hp`` run on that row alone
+    with adapter ``names[i]`` (adapters disabled for ``"__base__"``). Leaves ``hp``'s active adapter
+    changed."""
+    with torch.no_grad():
+        for i, n in enumerate(names):
+            row = dict(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1])
+            if n == "__base__":
+                with hp.disable_adapter():
+                    expect = hp(**row).logits
+            else:
+                hp.set_adapter(n)
+                expect = hp(**row).logits
+            torch.testing.assert_close(ours[i:i + 1], expect, rtol=1e-5, atol=1e-5, msg=f"row {i} ({n})")

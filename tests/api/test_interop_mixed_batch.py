@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import fastpeft
+import fastpeft._warn
 import fastpeft.interop as interop
 
-from ._models import hf_gpt2, hf_llama
+from ._models import assert_rows_match_peft, hf_gpt2, hf_llama
 
 #: name -> (rank, alpha, targets, lora_bias); ranks and scalings differ, targets overlap partly
 LLAMA = {"a": (2, 4, ["q_proj", "v_proj"], False), "b": (4, 8, ["q_proj", "o_proj", "down_proj"], True),
@@ -57,7 +58,7 @@ class _Spy:
 
 @pytest.fixture(autouse=True)
 def _fresh_warnings(monkeypatch):
-    monkeypatch.setattr(interop, "_MIXED_WARNED", set())
+    monkeypatch.setattr(fastpeft._warn, "WARNED", set())
 
 
 def _inputs(n, seed=0):
@@ -98,16 +99,7 @@ def test_patched_mixed_batch_equals_peft_row_by_row(family, monkeypatch):
     with torch.no_grad():
         theirs = hp(input_ids=ids, attention_mask=mask, adapter_names=names).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        for i, n in enumerate(names):  # each row as PEFT runs it alone with its adapter (or none)
-            row = dict(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1])
-            if n == "__base__":
-                with hp.disable_adapter():
-                    expect = hp(**row).logits
-            else:
-                hp.set_adapter(n)
-                expect = hp(**row).logits
-            torch.testing.assert_close(ours[i:i + 1], expect, rtol=1e-5, atol=1e-5, msg=f"row {i} ({n})")
+    assert_rows_match_peft(hp, ours, ids, mask, names)  # each row as PEFT runs it alone
     hp.set_adapter("a")
     kw = dict(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=4, do_sample=False)
     assert torch.equal(fast.generate(**kw), hp.generate(**kw))

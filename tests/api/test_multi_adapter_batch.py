@@ -11,7 +11,7 @@ import torch
 import fastpeft
 from fastpeft.ops import multi_lora
 
-from ._models import hf_gpt2, hf_llama
+from ._models import assert_rows_match_peft, hf_gpt2, hf_llama
 
 #: adapter name -> (rank, alpha, targets); ranks differ (zero-padded in the fused op) and not every
 #: adapter targets every layer (rows of the others run the base layer there)
@@ -77,16 +77,7 @@ def test_peft_saved_adapters_mixed_batch_row_by_row(family, tmp_path, monkeypatc
         theirs = hp(input_ids=ids, attention_mask=mask, adapter_names=names).logits
     assert count.calls > 0
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    with torch.no_grad():
-        for i, n in enumerate(names):  # row by row: PEFT with only that row's adapter
-            row = dict(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1])
-            if n == "__base__":
-                with hp.disable_adapter():
-                    expect = hp(**row).logits
-            else:
-                hp.set_adapter(n)
-                expect = hp(**row).logits
-            torch.testing.assert_close(ours[i:i + 1], expect, rtol=1e-5, atol=1e-5)
+    assert_rows_match_peft(hp, ours, ids, mask, names)  # each row as PEFT runs it alone
     hp.set_adapter(names[0] if names[0] != "__base__" else "a")
     out = fp.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=5, do_sample=False)
     ref = hp.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=5, do_sample=False)

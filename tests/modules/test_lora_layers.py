@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import fastpeft
+import fastpeft._warn
 from fastpeft.testing import assert_close
 
 
@@ -79,8 +80,7 @@ def test_mixed_batch_loop_fallback_warns_once(monkeypatch):
     """Different dropout rates in one training batch cannot share the fused call: the per-adapter
     loop runs, with one RuntimeWarning naming why (never silently), and still gives each row its
     own adapter."""
-    import fastpeft.modules.lora as mod
-    monkeypatch.setattr(mod, "_LOOP_WARNED", set())
+    monkeypatch.setattr(fastpeft._warn, "WARNED", set())
     torch.manual_seed(0)
     layer = fastpeft.LoRALinear(nn.Linear(16, 8), r=4, lora_dropout=0.1, init_lora_weights=False)
     layer.update_layer("b", 2, 4.0, lora_dropout=0.2, init_lora_weights=False)
