@@ -48,3 +48,24 @@ def test_multi_lora_rows_from_the_committed_csv(capsys):
     path = ROOT / "benchmarks" / "results" / "cpu-intel-amx-multi-lora-2threads-fp32.csv"
     train, fwd = _rows(capsys, path)
     assert "n/a" not in train and "n/a" not in fwd
+
+
+def test_readme_many_adapters_table_is_generated(capsys):
+    """The README's many-adapters table is exactly what scripts/multi_lora_table.py prints for the
+    committed CSV (regenerated, not typed)."""
+    spec_t = importlib.util.spec_from_file_location("multi_lora_table", ROOT / "scripts" / "multi_lora_table.py")
+    table = importlib.util.module_from_spec(spec_t)
+    spec_t.loader.exec_module(table)
+    csv_path = "benchmarks/results/cpu-intel-amx-multi-lora-2threads-fp32.csv"
+    import os
+    cwd = os.getcwd()
+    try:
+        os.chdir(ROOT)  # the table names the CSV by its path relative to the repository
+        assert table.main(csv_path) == 0
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out.strip()
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- MULTI-LORA-TABLE:BEGIN -->\n", 1)[1].split("<!-- MULTI-LORA-TABLE:END -->", 1)[0]
+    assert block.strip() == out
+    assert "| 8 | uniform |" in out
