@@ -34,13 +34,15 @@ def run_op(op, *args):
     redispatch, alias checks) cost ~40 µs a call, a few % of a LoRA step at 512 tokens x 768 on 2
     CPU cores. The op itself runs whenever something may need to see it: ``torch.compile``
     tracing, a dispatch or torch-function mode (FakeTensorMode, FlopCounterMode, ``with
-    torch.device(...)``), a functorch transform, or a tensor subclass (DTensor, ...) among the
-    arguments.
+    torch.device(...)``), a functorch transform, a tensor subclass (DTensor, ...) among the
+    arguments, or an argument that requires grad with grad mode on (the ops have no double
+    backward: the op says so instead of returning a result detached from the graph).
     """
     if not (torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled()
             or torch._C._len_torch_dispatch_stack() > 0 or torch._C._functorch.peek_interpreter_stack() is not None):
+        grad = torch.is_grad_enabled()  # e.g. a backward with create_graph=True: the op's own error
         for a in args:
-            if isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TYPES:
+            if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TYPES or (grad and a.requires_grad)):
                 break
         else:
             name = op._name  # "<family>_fwd" / "<family>_bwd"

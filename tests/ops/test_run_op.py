@@ -60,3 +60,15 @@ def test_meta_device_context():
         x, W, b, A, B = _lora_args(requires_grad=False)
         y = fastpeft.lora_linear(x, W, b, A, B, 2.0, backend="reference")
     assert y.device.type == "meta" and y.shape == (5, 10)
+
+
+def test_double_backward_is_refused_not_silently_detached():
+    """The fused ops have no double backward: with create_graph=True the backward's inputs require
+    grad under grad mode, so run_op goes through the library op, which says so."""
+    import pytest
+
+    x, W, b, A, B = _lora_args()
+    y = fastpeft.lora_linear(x, W, b, A, B, 2.0)
+    (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        g.sum().backward()
