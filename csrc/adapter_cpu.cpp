@@ -144,7 +144,7 @@ int64_t block_rows(int64_t M, int64_t d, int64_t elem, int nth) {
 template <typename F>
 void for_chunks(int64_t nblk, int64_t nch, const F& body) {
   if (nblk <= 0) return;
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+  fastpeft::parallel_items(nch, [&](int64_t c0, int64_t c1) {
     at::NoGradGuard no_grad;
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t b = nblk * c / nch; b < nblk * (c + 1) / nch; ++b) body(static_cast<int>(c), b);
@@ -543,7 +543,7 @@ Tensor lowp_fwd_bottleneck(const Tensor& z, Act act, const Dropout& dp, bool one
   const S* zp = z.data_ptr<S>();
   S* hp = hc.data_ptr<S>();
   const auto fo = z.options().dtype(at::kFloat);
-  at::parallel_for(0, (M + kLowpRows - 1) / kLowpRows, 1, [&](int64_t b0, int64_t b1) {
+  fastpeft::parallel_items((M + kLowpRows - 1) / kLowpRows, [&](int64_t b0, int64_t b1) {
     at::NoGradGuard no_grad;
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t r0 = blk * kLowpRows, nr = std::min(kLowpRows, M - r0);
@@ -571,7 +571,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lowp_bwd_bottleneck(const Tensor& z, 
   const S* zp = z.data_ptr<S>();
   const S* dhp = dh.data_ptr<S>();
   S *hT = hcT.data_ptr<S>(), *dzp = dz.data_ptr<S>(), *dzTp = dzT.data_ptr<S>();
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+  fastpeft::parallel_items(nblk, [&](int64_t b0, int64_t b1) {
     at::NoGradGuard no_grad;
     std::vector<float> col(kLowpRows);
     for (int64_t blk = b0; blk < b1; ++blk) {

@@ -205,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor> fwd_drop(const Tensor& x, const Tensor& W, co
   const int64_t nch = std::max<int64_t>(1, std::min<int64_t>(nblk, at::get_num_threads()));
   const T* xp = x.data_ptr<T>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+  fastpeft::parallel_items(nch, [&](int64_t c0, int64_t c1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // per-thread dispatch TLS
     Tensor xd = at::empty({gb, K}, opts);
     for (int64_t c = c0; c < c1; ++c) {
@@ -307,7 +307,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_drop(const Tensor& dy, const Tens
     const T* tp = t.data_ptr<T>();
     const T* vp = need_mag ? v.data_ptr<T>() : nullptr;
     const int64_t br = std::min(gb, sub_rows(std::max(K, N), sizeof(T)));
-    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    fastpeft::parallel_items(nch, [&](int64_t c0, int64_t c1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       Tensor xd = at::empty({br, K}, opts);
       Tensor dt = at::empty({br, r}, opts);
@@ -386,7 +386,7 @@ Tensor colsum_dy_yb(const Tensor& dy, const Tensor& y, const std::optional<Tenso
   const T* dyp = dy.data_ptr<T>();
   const T* yp = y.data_ptr<T>();
   const int64_t ldy = dy.stride(0), lyy = y.stride(0);
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+  fastpeft::parallel_items(nch, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       T* acc = part.data_ptr<T>() + c * N;
       for (int64_t i = M * c / nch; i < M * (c + 1) / nch; ++i) {

@@ -264,7 +264,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
     const int64_t nch = num_chunks(nblk);
     const T* xp = x.data_ptr<T>();
     const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
-    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    fastpeft::parallel_items(nch, [&](int64_t c0, int64_t c1) {
       // Dispatch TLS is per thread: worker threads must skip autograd (A may require grad).
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       Tensor xd = (drop || sx1 != 1) ? at::empty({br, K}, opts) : Tensor();
@@ -358,7 +358,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     Tensor dt = at::empty({M, r}, opts);
     const T* xp = x.data_ptr<T>();
     const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
-    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    fastpeft::parallel_items(nch, [&](int64_t c0, int64_t c1) {
       // Dispatch TLS is per thread: worker threads must skip autograd (A may require grad).
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       Tensor xd = (drop || sx1 != 1) ? at::empty({br, K}, opts) : Tensor();
@@ -477,7 +477,7 @@ std::tuple<Tensor, Tensor> lowp_fwd_impl(const Tensor& x, const Tensor& weight, 
     const S* xp = x.data_ptr<S>();
     const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
     const bool scratch = drop || sx1 != 1;
-    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    fastpeft::parallel_items(nch, [&](int64_t c0, int64_t c1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       Tensor xd = at::empty({br, K}, fopts);
       for (int64_t c = c0; c < c1; ++c) {
@@ -552,7 +552,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowp_bwd_impl(
     const S* xp = x.data_ptr<S>();
     const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
     const bool scratch = drop || sx1 != 1;
-    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    fastpeft::parallel_items(nch, [&](int64_t c0, int64_t c1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       Tensor xd = at::empty({br, K}, fopts);
       Tensor dyf = at::empty({br, N}, fopts);
@@ -626,7 +626,7 @@ Tensor lowp_t_pass(const Tensor& x, const Tensor& A, double p, const std::option
   const int64_t nblk = (M + br - 1) / br;
   const S* xp = x.data_ptr<S>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+  fastpeft::parallel_items(nblk, [&](int64_t b0, int64_t b1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor xd = at::empty({br, K}, fopts);
     for (int64_t b = b0; b < b1; ++b) {
@@ -690,7 +690,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowp_bwd_gemm(
     const S* xp = x.data_ptr<S>();
     const S* dtp = dt.data_ptr<S>();
     const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
-    at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+    fastpeft::parallel_items(nch, [&](int64_t c0, int64_t c1) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       Tensor xd = at::empty({br, K}, fopts);
       Tensor dxf = need_x ? at::empty({br, K}, fopts) : Tensor();

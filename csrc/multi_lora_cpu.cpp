@@ -186,7 +186,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
   const T* bp = has_bias ? bc.data_ptr<T>() : nullptr;
   T *yp = y.data_ptr<T>(), *tp = t.data_ptr<T>();
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1);
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+  fastpeft::parallel_items(nblk, [&](int64_t b0, int64_t b1) {
     std::vector<T> xg(br * K), tg(br * r), ug(br * N);
     for (int64_t b = b0; b < b1; ++b) {
       const Block& blk = plan.blocks[b];
@@ -247,7 +247,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   const int64_t sx0 = x.stride(0), sx1 = x.stride(1), sd0 = dy.stride(0), sd1 = dy.stride(1);
   const int64_t st0 = t_in.stride(0), st1 = t_in.stride(1);
   const Drop<T> nodrop{false, 0u, 0u, T(1)};
-  at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
+  fastpeft::parallel_items(nblk, [&](int64_t b0, int64_t b1) {
     std::vector<T> dyg(br * N), tg(br * r), dtg(br * r), xg(br * K);
     for (int64_t b = b0; b < b1; ++b) {
       const Block& blk = plan.blocks[b];
@@ -281,7 +281,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   for (int64_t b = nblk - 1; b >= 0; --b)
     if (plan.blocks[b].adapter >= 0) first[plan.blocks[b].adapter] = b;
   T *dAo = dA.data_ptr<T>(), *dBo = dB.data_ptr<T>();
-  at::parallel_for(0, n, 1, [&](int64_t a0, int64_t a1) {
+  fastpeft::parallel_items(n, [&](int64_t a0, int64_t a1) {
     for (int64_t a = a0; a < a1; ++a) {
       for (int64_t b = first[a]; b < nblk && plan.blocks[b].adapter == a; ++b) {
         T* oa = dAo + a * r * K;

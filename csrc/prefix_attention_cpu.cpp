@@ -72,6 +72,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "common.h"
 #include "rank_kernels.h"
 #include "tune.h"
 
@@ -214,7 +215,7 @@ void fwd_impl(const Dims& d, const Tensor& q_, const Tensor& k_, const Tensor& v
   std::vector<S> pbuf(lowp ? static_cast<size_t>(nt) * BM * ld : 0);  // P rounded to S
   S* o = out.data_ptr<S>();
   T* l = lse.data_ptr<T>();
-  at::parallel_for(0, d.B * d.H * nblk, 1, [&](int64_t begin, int64_t end) {
+  fastpeft::parallel_items(d.B * d.H * nblk, [&](int64_t begin, int64_t end) {
     const int64_t tid = at::get_thread_num();
     T* s = scratch.data() + tid * BM * (ld + (lowp ? d.D : 0));
     T* otile = s + BM * ld;  // lowp: the fp32 output tile
@@ -276,7 +277,7 @@ void bwd_impl(const Dims& d, const Tensor& dout_, const Tensor& q_, const Tensor
   S *gq = dq.data_ptr<S>(), *gk = dk.data_ptr<S>(), *gv = dv.data_ptr<S>();
   S *gpk = dpk.data_ptr<S>(), *gpv = dpv.data_ptr<S>();
   // one task per (b, kv head): it owns dk/dv rows and (Bp = B) the prefix rows, so no races
-  at::parallel_for(0, nch, 1, [&](int64_t c0, int64_t c1) {
+  fastpeft::parallel_items(nch, [&](int64_t c0, int64_t c1) {
     for (int64_t ch = c0; ch < c1; ++ch) {
       T* s = scratch.data() + ch * per;
       T* dp = s + kBlockM * ld;
