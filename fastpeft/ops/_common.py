@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from fastpeft._backend import get_kernel
+
 
 def autocast_dtype(device: torch.device):
     """The autocast dtype active for ``device``, or None when autocast is off."""
@@ -20,7 +22,6 @@ def cast_all(dtype, *tensors):
 
 def none_if_empty(t: torch.Tensor, needed: bool):
     return t if needed else None
-
 
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -48,6 +49,3 @@ def run_op(op, *args):
             name = op._name  # "<family>_fwd" / "<family>_bwd"
             return get_kernel(name.rsplit("_", 1)[0], name, args[-1])(*args[:-1])
     return op(*args)
-
-
-from fastpeft._backend import get_kernel  # noqa: E402 - _backend imports nothing from fastpeft.ops
