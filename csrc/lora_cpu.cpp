@@ -103,8 +103,9 @@ uint32_t seed_value(const std::optional<Tensor>& seed) {
 // keep[i*K + j] = dropout_keep(seed, thr, (row0+i)*K + j) for rows [row0, row0+rows); and, when
 // xd != nullptr, xd[i*K + j] = x[i, j] · (keep ? scale : 0) (x read through its strides).
 // The common case (the 32-bit high word of the index constant along a row) is a plain loop
-// the compiler vectorises (vpmulld, 16 lanes with AVX-512). Its counter is 32-bit (the hash input is lo + j mod 2**32
-// anyway): a 64-bit one made every vector iteration widen and narrow its index (3 more uops).
+// the compiler vectorises (vpmulld, 16 lanes with AVX-512). Its counter is 32-bit (the hash
+// input is lo + j mod 2**32 anyway): a 64-bit one made every vector iteration widen and narrow
+// its index (3 more uops).
 // x may be stored narrower than T (bf16 / fp16, widened here).
 template <typename T, typename TI>
 void dropout_rows(uint32_t seed, uint32_t thr, T scale, int64_t row0, int64_t rows, int64_t K,
