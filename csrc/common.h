@@ -1,5 +1,8 @@
 // Shared helpers for the C++ CPU backend.
 #pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
 #include <cstdint>
 
 namespace fastpeft {
@@ -25,12 +28,6 @@ inline bool dropout_keep(uint32_t seed, uint32_t threshold, int64_t idx) {
   return fmix32(lo ^ dropout_key(seed, hi)) >= threshold;
 }
 
-}  // namespace fastpeft
-
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-
-namespace fastpeft {
 
 // Σ_c part[c] for part (nch, R, C) contiguous, in chunk order (deterministic for a fixed nch),
 // as a new (R, C) tensor, or (C, R) with `transpose`, narrowed to its first `cols` columns
@@ -58,9 +55,6 @@ inline at::Tensor sum_parts(const at::Tensor& part, bool transpose, int64_t cols
   return out;
 }
 
-}  // namespace fastpeft
-
-namespace fastpeft {
 
 // at::parallel_for(0, n, 1, f), except that n == 1 runs f(0, 1) on the calling thread. ATen's
 // OpenMP parallel_for starts a whole thread team even for one item, and the team's closing barrier

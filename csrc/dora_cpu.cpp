@@ -368,7 +368,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd_drop(const Tensor& dy, const Tens
   }
   if (need_x && !blocked && M > 0) fastpeft::gemm(dy, W, dx, 1.0, 1.0, cfg.lib);  // dx += dy·W
   Tensor dA = fastpeft::sum_parts(dA_part, true, r, x.scalar_type());
-  Tensor dtB = (nch == 1 ? dtB_part[0] : dtB_part.sum(0)) * s;  // s·dyᵀ·t
+  Tensor dtB = fastpeft::sum_parts(dtB_part, false, r, x.scalar_type()) * s;  // s·dyᵀ·t
   Tensor dmv = nch == 1 ? dmv_part[0] : dmv_part.sum(0);
   return {dx, dA, dtB, dmv};
 }
