@@ -31,6 +31,10 @@ CONFIGS = {
     "lora": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "lora_dropout": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
                                                 target_modules=["q_proj", "v_proj"]),
+    "dora": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                        use_dora=True),
+    "dora_dropout": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, use_dora=True,
+                                                target_modules=["q_proj", "v_proj", "down_proj"]),
     "adapter": lambda: fastpeft.AdapterConfig(kind="houlsby", bottleneck=4),
     "prefix": lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=2),
     "vpt": lambda: fastpeft.VPTConfig(num_prompts=2, deep=True),
@@ -48,10 +52,17 @@ SCENARIOS = {
     "vpt_ddp": ("vpt", "ddp"),
     "vpt_fsdp": ("vpt", "fsdp"),
     "lora_dropout_ddp": ("lora_dropout", "ddp"),
+    "dora_ddp": ("dora", "ddp"),
+    "dora_fsdp": ("dora", "fsdp"),
+    "dora_dropout_ddp": ("dora_dropout", "ddp"),
+    "dora_dropout_fsdp": ("dora_dropout", "fsdp"),
     # no fastpeft helper: plain DistributedDataParallel(model) / fully_shard(model) as users write them
     "lora_ddp_plain": ("lora", "ddp_plain"),
     "lora_fsdp_plain": ("lora", "fsdp_plain"),
 }
+
+#: the scenarios whose 2-rank run saves a checkpoint after step SAVE_AFTER
+SAVED = ("lora_ddp", "lora_fsdp", "vpt_fsdp", "dora_fsdp")
 
 
 def build(method: str):
@@ -110,7 +121,7 @@ def train(name: str, rank: int = 0, world: int = 1, save_dir: Optional[str] = No
     model = build(method)
     if resume is not None:  # PEFT-format checkpoint, loaded before wrapping
         fdist.unwrap(model).load_adapter(resume, "default", is_trainable=True)
-    if method == "lora_dropout":
+    if method.endswith("_dropout"):
         fdist.set_dropout_rank(rank)
     comm = []
     if world > 1:
@@ -178,9 +189,9 @@ def reference_dropout_step(name: str, world: int) -> dict:
     return {"losses": losses, "params": full_params(model)}
 
 
-def dropout_outputs(rank: int) -> torch.Tensor:
-    """LoRA-with-dropout logits of one fixed batch under ``set_dropout_rank(rank)`` and seed 5."""
-    model = build("lora_dropout")
+def dropout_outputs(rank: int, method: str = "lora_dropout") -> torch.Tensor:
+    """LoRA- (or DoRA-) with-dropout logits of one fixed batch under ``set_dropout_rank(rank)`` and seed 5."""
+    model = build(method)
     fdist.set_dropout_rank(rank)
     torch.manual_seed(5)
     x, _ = batch("lora", 0)
@@ -197,15 +208,16 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         results = {}
         for name, (method, wrapper) in SCENARIOS.items():
-            save = os.path.join(out_dir, f"ckpt_{name}") if name in ("lora_ddp", "lora_fsdp", "vpt_fsdp") else None
+            save = os.path.join(out_dir, f"ckpt_{name}") if name in SAVED else None
             results[name] = train(name, rank, world, save_dir=save)
         for name in ("lora_ddp", "lora_fsdp"):  # resume a 1-process checkpoint on `world` ranks
             single = os.path.join(out_dir, "ckpt_single")
             results[f"resume_{name}"] = train(name, rank, world, resume=single, first_step=SAVE_AFTER)
-        mine = dropout_outputs(rank)
-        outs = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(outs, mine)
-        results["dropout_outputs"] = outs
+        for method in ("lora_dropout", "dora_dropout"):
+            mine = dropout_outputs(rank, method)
+            outs = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather(outs, mine)
+            results[f"{method}_outputs"] = outs
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
         # both ranks leave together: a rank that tears gloo down while its peer is still in its last
