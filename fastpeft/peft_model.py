@@ -246,6 +246,48 @@ class PeftModel(nn.Module):
                     m.disable_adapters = False
                 self._disabled = False
 
+    # ---- activation checkpointing --------------------------------------------------------------
+    def enable_input_require_grads(self) -> None:
+        """Make the model's input activations require grad, for reentrant activation checkpointing.
+
+        ``torch.utils.checkpoint(..., use_reentrant=True)`` computes gradients for the parameters
+        inside a segment only if one of the segment's tensor inputs requires grad. Under a frozen
+        base nothing before the first adapter does, so a checkpointed first block would silently
+        get no gradients (torch warns "None of the inputs have requires_grad=True"). This hooks
+        the input word embeddings' output (the base model's ``get_input_embeddings()``, or an
+        ``embeddings.word_embeddings`` module; a Hugging Face base model's own method does this), or, for a
+        model without one (e.g. a ViT), makes the floating-point tensors passed to the base model
+        require grad (a detached alias; the caller's tensors are not modified). Gradients of the
+        PEFT parameters are then those of the model without checkpointing. Hugging Face
+        ``gradient_checkpointing_enable()`` with ``use_reentrant=True`` does this by itself. Undo
+        with :meth:`disable_input_require_grads`.
+        """
+        self.disable_input_require_grads()
+        base = self.get_base_model()
+        if callable(getattr(base, "enable_input_require_grads", None)):
+            base.enable_input_require_grads()  # Hugging Face's: a hook on every input embedding
+            return
+        emb = None
+        if callable(getattr(base, "get_input_embeddings", None)):
+            emb = base.get_input_embeddings()
+        if not isinstance(emb, nn.Module):
+            emb = next((m for n, m in base.named_modules()
+                        if n == "embeddings.word_embeddings" or n.endswith(".embeddings.word_embeddings")), None)
+        if emb is not None:
+            handle = emb.register_forward_hook(_output_requires_grad)
+        else:
+            handle = base.register_forward_pre_hook(_float_inputs_require_grad, with_kwargs=True)
+        self.__dict__["_input_grad_hook"] = handle
+
+    def disable_input_require_grads(self) -> None:
+        """Remove what :meth:`enable_input_require_grads` installed (nothing if it was not)."""
+        handle = self.__dict__.pop("_input_grad_hook", None)
+        if handle is not None:
+            handle.remove()
+        base = self.get_base_model()
+        if callable(getattr(base, "disable_input_require_grads", None)):
+            base.disable_input_require_grads()  # Hugging Face's hooks (also gradient_checkpointing_enable's)
+
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names: Optional[Sequence[str]]) -> Iterator[None]:
         """Each row through its own adapter (PEFT's ``adapter_names``); refused, never ignored,
@@ -486,6 +528,26 @@ class PeftModel(nn.Module):
 
     def __repr__(self) -> str:
         return f"PeftModel(adapters={list(self.peft_config)}, active={self._active})\n{self.base_model.model!r}"
+
+
+def _output_requires_grad(module, args, output):
+    """Forward hook of :meth:`PeftModel.enable_input_require_grads` (module level: models pickle)."""
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        output.requires_grad_(True)
+
+
+def _requiring_grad(t):
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.requires_grad:
+        return t.detach().requires_grad_(True)  # an alias: the caller's tensor keeps its flag
+    return t
+
+
+def _float_inputs_require_grad(module, args, kwargs):
+    """Forward pre-hook of :meth:`PeftModel.enable_input_require_grads` for models without input
+    word embeddings: floating-point inputs require grad."""
+    if not torch.is_grad_enabled():
+        return None
+    return tuple(_requiring_grad(a) for a in args), {k: _requiring_grad(v) for k, v in kwargs.items()}
 
 
 def _is_dtensor(t) -> bool:
