@@ -30,7 +30,7 @@ def _data(kind, n, seed):
     rows = []
     for i in range(n):
         ids = torch.randint(1, 64, (T,), generator=g)
-        label = torch.randint(0, 3, (), generator=g) if kind == "bert" else ids.clone()
+        label = torch.randint(0, 3, (), generator=g) if kind == "bert" else ids.clone()  # llama*: causal LM
         # "row_id": a column the model does not take - Trainer must drop it, not the real inputs
         rows.append(dict(input_ids=ids, attention_mask=torch.ones(T, dtype=torch.long), labels=label, row_id=i))
     return rows
@@ -41,6 +41,8 @@ KINDS = {
                                                   target_modules=["query", "value"], modules_to_save=["classifier"])),
     "llama": (hf_llama, lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
                                                     target_modules=["q_proj", "v_proj"])),
+    "llama_dora": (hf_llama, lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
+                                                         target_modules=["q_proj", "v_proj", "down_proj"])),
 }
 
 
