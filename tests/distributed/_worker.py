@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import fastpeft
 import fastpeft.distributed as fdist
 from fastpeft import _dropout
-from tests.api._models import fp_vit, hf_llama
+from tests.api._models import fp_vit, hf_bert, hf_gpt2, hf_llama
 
 G = 4  # global batch
 T = 8  # tokens per row
@@ -38,7 +38,16 @@ CONFIGS = {
     "adapter": lambda: fastpeft.AdapterConfig(kind="houlsby", bottleneck=4),
     "prefix": lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=2),
     "vpt": lambda: fastpeft.VPTConfig(num_prompts=2, deep=True),
+    "prompt": lambda: fastpeft.PromptTuningConfig(num_virtual_tokens=3),
+    "bitfit": lambda: fastpeft.BitFitConfig(),
+    # HF BERT sequence classification: LoRA + a trainable copy of the head (modules_to_save)
+    "lora_bert": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                             modules_to_save=["classifier"]),
+    # GPT-2: Conv1D targets, tied input / output embeddings in the frozen base
+    "lora_gpt2": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"]),
 }
+#: base model per method (default: the tiny LLaMA)
+BASES = {"vpt": fp_vit, "bitfit": hf_bert, "lora_bert": hf_bert, "lora_gpt2": hf_gpt2}
 
 #: name -> (method, wrapper); wrapper: "ddp", "fsdp" (frozen base sharded), "fsdp_replicated" (base ignored)
 SCENARIOS = {
@@ -56,18 +65,26 @@ SCENARIOS = {
     "dora_fsdp": ("dora", "fsdp"),
     "dora_dropout_ddp": ("dora_dropout", "ddp"),
     "dora_dropout_fsdp": ("dora_dropout", "fsdp"),
+    "prompt_ddp": ("prompt", "ddp"),
+    "prompt_fsdp": ("prompt", "fsdp"),
+    "bitfit_ddp": ("bitfit", "ddp"),
+    "bitfit_fsdp": ("bitfit", "fsdp"),
+    "lora_bert_ddp": ("lora_bert", "ddp"),
+    "lora_bert_fsdp": ("lora_bert", "fsdp"),
+    "lora_gpt2_ddp": ("lora_gpt2", "ddp"),
+    "lora_gpt2_fsdp": ("lora_gpt2", "fsdp"),
     # no fastpeft helper: plain DistributedDataParallel(model) / fully_shard(model) as users write them
     "lora_ddp_plain": ("lora", "ddp_plain"),
     "lora_fsdp_plain": ("lora", "fsdp_plain"),
 }
 
 #: the scenarios whose 2-rank run saves a checkpoint after step SAVE_AFTER
-SAVED = ("lora_ddp", "lora_fsdp", "vpt_fsdp", "dora_fsdp")
+SAVED = ("lora_ddp", "lora_fsdp", "vpt_fsdp", "dora_fsdp", "lora_bert_fsdp")
 
 
 def build(method: str):
     torch.manual_seed(0)
-    base = fp_vit() if method == "vpt" else hf_llama()
+    base = BASES.get(method, hf_llama)()
     torch.manual_seed(0)
     pm = fastpeft.get_peft_model(base, CONFIGS[method]())
     with torch.no_grad():  # LoRA's B starts at zero: give every PEFT tensor a nonzero, seeded value
@@ -83,6 +100,8 @@ def batch(method: str, step: int):
     if method == "vpt":
         return torch.randn(G, 3, 16, 16, generator=g), torch.randint(0, 3, (G,), generator=g)
     x = torch.randint(1, 64, (G, T), generator=g)
+    if BASES.get(method) is hf_bert:  # sequence classification: one label per row
+        return x, torch.randint(0, 3, (G,), generator=g)
     return x, x
 
 

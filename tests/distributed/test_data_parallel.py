@@ -108,7 +108,9 @@ def test_ddp_communicates_only_peft_parameters(results, name):
 
 @pytest.mark.parametrize("name,base_sharded", [("lora_fsdp", True), ("lora_fsdp_replicated", False),
                                                ("adapter_fsdp", True), ("lora_fsdp_plain", True),
-                                               ("dora_fsdp", True), ("dora_dropout_fsdp", True)])
+                                               ("dora_fsdp", True), ("dora_dropout_fsdp", True),
+                                               ("prompt_fsdp", True), ("bitfit_fsdp", True),
+                                               ("lora_bert_fsdp", True), ("lora_gpt2_fsdp", True)])
 def test_fsdp_shards_and_optimizer(results, name, base_sharded):
     """FSDP2: the PEFT parameters are shards and the only thing the optimizer holds; the frozen
     base is sharded too, or (shard_base=False: ignored_params) plain replicated tensors."""
