@@ -3,6 +3,7 @@
     torchrun --nproc_per_node 2 examples/distributed_lora.py                 # DDP, gloo on CPU
     torchrun --nproc_per_node 2 examples/distributed_lora.py --mode fsdp     # FSDP2, frozen base sharded
     torchrun --nproc_per_node 2 examples/distributed_lora.py --verify        # and compare with 1 process
+    torchrun --nproc_per_node 2 examples/distributed_lora.py --dora --verify # DoRA instead of LoRA
     torchrun --nproc_per_node 2 examples/distributed_lora.py --save ckpt --steps 2
     torchrun --nproc_per_node 1 examples/distributed_lora.py --resume ckpt --steps 1   # any world size
 
@@ -28,7 +29,8 @@ def build(args):
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = fastpeft.get_peft_model(LlamaForCausalLM(cfg), fastpeft.LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        r=8, lora_alpha=16, lora_dropout=args.dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        use_dora=args.dora))
     if args.resume:  # a PEFT-format checkpoint (saved on any number of ranks), loaded before wrapping
         model.load_adapter(args.resume, "default", is_trainable=True)
     return model.train()
@@ -74,6 +76,7 @@ def main():
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (masks distinct per rank)")
+    ap.add_argument("--dora", action="store_true", help="DoRA (use_dora=True) instead of plain LoRA")
     ap.add_argument("--save", help="save a PEFT checkpoint + optimizer state here at the end (rank 0 writes)")
     ap.add_argument("--resume", help="resume from a checkpoint written by --save")
     ap.add_argument("--start-step", type=int, default=0, help="data step to resume at (for --resume)")

@@ -60,8 +60,8 @@ def set_dropout_rank(rank: Optional[int] = None) -> int:
     a run sees the masks a single process would. torch's generator advances as before, so
     activation checkpointing still recomputes identical masks.
 
-    Covered: fastpeft's counter-based dropout - the fused LoRA op (``nn.Linear`` targets with one
-    active adapter), adapters, VPT prompts. Not covered: dropout drawn with torch's own RNG -
+    Covered: fastpeft's counter-based dropout - the fused LoRA and DoRA ops (``nn.Linear`` targets
+    with one active adapter), adapters, VPT prompts. Not covered: dropout drawn with torch's own RNG -
     ``nn.Dropout`` in the base model, LoRA's unfused paths (a second active LoRA adapter,
     mixed-adapter batches, Embedding / Conv2d targets) and P-Tuning v2's prefix dropout; for those, seed torch per rank
     once the model is built (``torch.manual_seed(seed + rank)``), which also gives distinct streams.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import copyreg
 import functools
 import inspect
 import types
@@ -87,6 +88,17 @@ class PeftModel(nn.Module):
         super().__setstate__(state)
         self._expose_signature()
 
+    def __reduce_ex__(self, protocol):
+        # pickle / deepcopy by the public class (a per-base-model subclass, see _expose_signature, is
+        # not importable by name); __setstate__ gives the copy its subclass again
+        rv = super().__reduce_ex__(protocol)
+        public = type(self).__dict__.get("_fastpeft_public_class")
+        if public is not None and isinstance(rv, tuple) and len(rv) >= 2 and rv[1] and rv[1][0] is type(self):
+            # pickle insists that copyreg.__newobj__'s class be the object's own: rebuild through ours
+            fn = _new_instance if rv[0] is copyreg.__newobj__ else rv[0]
+            rv = (fn, (public,) + tuple(rv[1][1:])) + tuple(rv[2:])
+        return rv
+
     def _expose_signature(self) -> None:
         """Give ``self.forward`` the wrapped model's signature (plus ``adapter_names``).
 
@@ -96,6 +108,15 @@ class PeftModel(nn.Module):
         ``forward(*args, **kwargs)`` would hide them all. The behaviour is :meth:`forward`'s; only
         the instance's bound method carries the signature (as an instance attribute, the way
         accelerate wraps ``model.forward``), so nothing changes for callers.
+
+        HF ``Trainer`` also reads the label names (``find_labels``) and ``can_return_loss`` from
+        the model's *class* (``type(model).forward``; the wrapped model's class for Hugging Face
+        PEFT models). So the instance also gets a subclass of its class, one per wrapped model
+        class, whose ``forward`` carries the wrapped class's ``forward`` signature: a plain
+        ``Trainer`` finds ``labels`` and computes evaluation losses without
+        ``TrainingArguments(label_names=...)``. It is named like its class (for a
+        ``...QuestionAnswering`` model, with that suffix, which ``find_labels`` looks for), pickles
+        and copies as the class itself, and adds nothing else.
         """
         try:
             base = inspect.signature(self.base_model.model.forward)
@@ -109,15 +130,13 @@ class PeftModel(nn.Module):
             sig = base.replace(parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)] + params)
         except ValueError:  # e.g. a parameter named self: keep the generic signature
             return
-        impl = type(self).forward
-
-        def forward(self, *args, **kwargs):
-            return impl(self, *args, **kwargs)
-
-        forward.__signature__ = sig
-        forward.__doc__ = impl.__doc__
-        forward.__qualname__ = impl.__qualname__
-        self.__dict__["forward"] = types.MethodType(forward, self)
+        public = type(self).__dict__.get("_fastpeft_public_class", type(self))
+        self.__dict__["forward"] = types.MethodType(_forward_with_signature(public.forward, sig), self)
+        # and the class: HF Trainer reads label names and can_return_loss from type(model).forward
+        # (for Hugging Face PEFT models, from the wrapped model's class)
+        cls = _signature_class(public, type(self.base_model.model))
+        if cls is not None:
+            self.__class__ = cls
 
     # ---- delegation -------------------------------------------------------------------------
     @property
@@ -245,6 +264,48 @@ class PeftModel(nn.Module):
                 for m in layers:
                     m.disable_adapters = False
                 self._disabled = False
+
+    # ---- activation checkpointing --------------------------------------------------------------
+    def enable_input_require_grads(self) -> None:
+        """Make the model's input activations require grad, for reentrant activation checkpointing.
+
+        ``torch.utils.checkpoint(..., use_reentrant=True)`` computes gradients for the parameters
+        inside a segment only if one of the segment's tensor inputs requires grad. Under a frozen
+        base nothing before the first adapter does, so a checkpointed first block would silently
+        get no gradients (torch warns "None of the inputs have requires_grad=True"). This hooks
+        the input word embeddings' output (the base model's ``get_input_embeddings()``, or an
+        ``embeddings.word_embeddings`` module; a Hugging Face base model's own method does this), or, for a
+        model without one (e.g. a ViT), makes the floating-point tensors passed to the base model
+        require grad (a detached alias; the caller's tensors are not modified). Gradients of the
+        PEFT parameters are then those of the model without checkpointing. Hugging Face
+        ``gradient_checkpointing_enable()`` with ``use_reentrant=True`` does this by itself. Undo
+        with :meth:`disable_input_require_grads`.
+        """
+        self.disable_input_require_grads()
+        base = self.get_base_model()
+        if callable(getattr(base, "enable_input_require_grads", None)):
+            base.enable_input_require_grads()  # Hugging Face's: a hook on every input embedding
+            return
+        emb = None
+        if callable(getattr(base, "get_input_embeddings", None)):
+            emb = base.get_input_embeddings()
+        if not isinstance(emb, nn.Module):
+            emb = next((m for n, m in base.named_modules()
+                        if n == "embeddings.word_embeddings" or n.endswith(".embeddings.word_embeddings")), None)
+        if emb is not None:
+            handle = emb.register_forward_hook(_output_requires_grad)
+        else:
+            handle = base.register_forward_pre_hook(_float_inputs_require_grad, with_kwargs=True)
+        self.__dict__["_input_grad_hook"] = handle
+
+    def disable_input_require_grads(self) -> None:
+        """Remove what :meth:`enable_input_require_grads` installed (nothing if it was not)."""
+        handle = self.__dict__.pop("_input_grad_hook", None)
+        if handle is not None:
+            handle.remove()
+        base = self.get_base_model()
+        if callable(getattr(base, "disable_input_require_grads", None)):
+            base.disable_input_require_grads()  # Hugging Face's hooks (also gradient_checkpointing_enable's)
 
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names: Optional[Sequence[str]]) -> Iterator[None]:
@@ -486,6 +547,72 @@ class PeftModel(nn.Module):
 
     def __repr__(self) -> str:
         return f"PeftModel(adapters={list(self.peft_config)}, active={self._active})\n{self.base_model.model!r}"
+
+
+def _new_instance(cls, *args):
+    """Unpickling: ``cls.__new__`` (``copyreg.__newobj__`` for a class other than the pickled one)."""
+    return cls.__new__(cls, *args)
+
+
+def _forward_with_signature(impl, sig: inspect.Signature):
+    def forward(self, *args, **kwargs):
+        return impl(self, *args, **kwargs)
+
+    forward.__signature__ = sig
+    forward.__doc__ = impl.__doc__
+    forward.__qualname__ = impl.__qualname__
+    return forward
+
+
+_SIGNATURE_CLASSES: Dict[Tuple[type, type], Optional[type]] = {}
+
+
+def _signature_class(public: type, wrapped: type) -> Optional[type]:
+    """The subclass of ``public`` whose ``forward`` has ``wrapped.forward``'s signature (plus
+    ``adapter_names``), cached per pair; None where that signature cannot be read."""
+    key = (public, wrapped)
+    if key not in _SIGNATURE_CLASSES:
+        cls = None
+        try:
+            sig = inspect.signature(wrapped.forward)
+            params = list(sig.parameters.values())
+            if params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
+                if "adapter_names" not in sig.parameters:
+                    at = next((i for i, q in enumerate(params) if q.kind is q.VAR_KEYWORD), len(params))
+                    params.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY,
+                                                        default=None))
+                sig = sig.replace(parameters=params)
+                name = public.__name__
+                if "QuestionAnswering" in wrapped.__name__ and "QuestionAnswering" not in name:
+                    name += "ForQuestionAnswering"
+                cls = type(name, (public,), {
+                    "forward": _forward_with_signature(public.forward, sig), "__module__": public.__module__,
+                    "__qualname__": public.__qualname__, "__doc__": public.__doc__,
+                    "_fastpeft_public_class": public})
+        except (TypeError, ValueError):  # no inspectable forward (e.g. a builtin): keep the class
+            cls = None
+        _SIGNATURE_CLASSES[key] = cls
+    return _SIGNATURE_CLASSES[key]
+
+
+def _output_requires_grad(module, args, output):
+    """Forward hook of :meth:`PeftModel.enable_input_require_grads` (module level: models pickle)."""
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        output.requires_grad_(True)
+
+
+def _requiring_grad(t):
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.requires_grad:
+        return t.detach().requires_grad_(True)  # an alias: the caller's tensor keeps its flag
+    return t
+
+
+def _float_inputs_require_grad(module, args, kwargs):
+    """Forward pre-hook of :meth:`PeftModel.enable_input_require_grads` for models without input
+    word embeddings: floating-point inputs require grad."""
+    if not torch.is_grad_enabled():
+        return None
+    return tuple(_requiring_grad(a) for a in args), {k: _requiring_grad(v) for k, v in kwargs.items()}
 
 
 def _is_dtensor(t) -> bool:

@@ -1,18 +1,19 @@
 """Hugging Face ``Trainer`` with fastpeft models: PEFT-format checkpoints.
 
-A fastpeft :class:`~fastpeft.PeftModel` trains under the plain ``transformers.Trainer``: its
-``forward`` carries the wrapped model's signature, which Trainer reads to drop unused batch
-columns. What the plain Trainer cannot know is that it is a PEFT model - it recognises Hugging
-Face PEFT's ``PeftModel`` by type and otherwise reads the *class*'s ``forward`` - so (a) it finds
-no label names (pass ``TrainingArguments(label_names=["labels"])``, or evaluation computes no
-loss), and (b) its checkpoints hold the whole model's ``state_dict`` (base included) as
-``model.safetensors``.
+A fastpeft :class:`~fastpeft.PeftModel` trains, evaluates, saves and resumes under the plain
+``transformers.Trainer``: its ``forward`` carries the wrapped model's signature, which Trainer
+reads to drop unused batch columns, and its class (a per-wrapped-class subclass of ``PeftModel``)
+carries the wrapped class's, from which Trainer reads the label names and ``can_return_loss``, so
+evaluation losses come without ``TrainingArguments(label_names=...)``. What the plain Trainer
+cannot know is that it is a PEFT model - it recognises Hugging Face PEFT's ``PeftModel`` by type
+only - so it saves a fastpeft model like any other ``nn.Module``: the whole ``state_dict`` (base
+included) as ``model.safetensors`` in each ``checkpoint-N/``, which its own
+``resume_from_checkpoint`` loads back but ``peft.PeftModel.from_pretrained`` does not; and on a
+base with tied weights (e.g. GPT-2's ``wte`` / ``lm_head``) that save fails in safetensors ("Some
+tensors share memory").
 
 :class:`PeftTrainer` is ``transformers.Trainer`` with these changes, all for fastpeft models only
 (any other model takes Trainer's own path):
-
-- label names and ``can_return_loss`` come from the wrapped model's class, as Trainer does for
-  Hugging Face PEFT models;
 
 - saving (``checkpoint-N/`` and ``save_model``): the adapters in PEFT format
   (``adapter_config.json`` + ``adapter_model.safetensors``, other adapters in sub-directories;
@@ -20,7 +21,9 @@ loss), and (b) its checkpoints hold the whole model's ``state_dict`` (base inclu
   ``peft.PeftModel.from_pretrained`` and :meth:`fastpeft.PeftModel.from_pretrained` load;
 - loading (``train(resume_from_checkpoint=...)``, ``load_best_model_at_end``): those files are
   loaded into the model's existing adapters in place, validated completely first
-  (:meth:`fastpeft.PeftModel.load_adapter`).
+  (:meth:`fastpeft.PeftModel.load_adapter`);
+- label names and ``can_return_loss`` are read from the wrapped model's class explicitly, as
+  Trainer does for Hugging Face PEFT models (also for a fastpeft model inside another wrapper).
 
 Optimizer, scheduler, RNG and trainer state are saved and restored by Trainer as usual.
 """

@@ -19,6 +19,9 @@ from tests.api._models import fp_vit, hf_llama
 
 VIT_CONFIGS = {
     "lora": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["qkv", "fc1"]),
+    "dora": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["qkv", "fc1"],
+                                        use_dora=True),
+    "dora_no_dropout": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc1"], use_dora=True),
     "adapter": lambda: fastpeft.AdapterConfig(kind="houlsby", bottleneck=4, dropout=0.3),
     "vpt": lambda: fastpeft.VPTConfig(num_prompts=2, deep=True, dropout=0.3),
     "prefix": lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=2),
@@ -26,6 +29,8 @@ VIT_CONFIGS = {
 LLAMA_CONFIGS = {
     "lora": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj",
                                                                                             "down_proj"]),
+    "dora": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, use_dora=True,
+                                        target_modules=["q_proj", "v_proj", "down_proj"]),
     "adapter": lambda: fastpeft.AdapterConfig(kind="houlsby", bottleneck=4, dropout=0.3),
 }
 
@@ -93,7 +98,7 @@ def test_torch_checkpoint_same_gradients(method, use_reentrant):
     got = _grads(ckpt, loss_fn)
     assert len(calls) == 2  # forward + recompute: checkpointing really ran
     _assert_same(got, ref)
-    if method != "prefix":  # dropout is really on: another seed, other gradients
+    if method not in ("prefix", "dora_no_dropout"):  # dropout is really on: another seed, other gradients
         other = _grads(plain, loss_fn, seed=12)
         assert not torch.equal(other[0], ref[0])
 
@@ -124,3 +129,94 @@ def test_hf_gradient_checkpointing_same_gradients(method, use_reentrant, api):
     _assert_same(got, ref)
     other = _grads(plain, loss_fn, seed=12)
     assert not torch.equal(other[0], ref[0])
+
+
+# ---- reentrant checkpointing where no input requires grad ------------------------------------------------------
+# torch's reentrant checkpoint computes parameter gradients inside a segment only if one of its tensor
+# inputs requires grad. Under a frozen base nothing in front of the first adapter does: torch warns, and
+# the PEFT parameters of that segment get no gradient. PeftModel.enable_input_require_grads() fixes it for
+# every model (HF, fastpeft BERT through its word embeddings, fastpeft ViT through its float inputs).
+
+@pytest.mark.parametrize("method", list(VIT_CONFIGS))
+def test_reentrant_without_input_grad_warns_and_enable_input_require_grads_fixes_it(method):
+    g = torch.Generator().manual_seed(5)
+    images, labels = torch.randn(3, 3, 16, 16, generator=g), torch.tensor([0, 2, 1])
+
+    def loss_fn(pm):
+        return F.cross_entropy(pm(images=images), labels)
+
+    ref = _grads(_seeded(fastpeft.get_peft_model(fp_vit(), VIT_CONFIGS[method]())), loss_fn)
+    ckpt = _seeded(fastpeft.get_peft_model(fp_vit(), VIT_CONFIGS[method]()))
+    _checkpoint_blocks(ckpt.get_base_model().blocks[:1], use_reentrant=True)  # the first block only
+    first = [n for n in ref[1] if ".blocks.0." in n]
+    if first:  # prompt methods feed the block a trainable prompt: their input requires grad anyway
+        with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
+            got = _grads_or_none(ckpt, loss_fn)
+        assert all(got[n] is None for n in first), "the pitfall is real: block 0 got no gradients"
+    ckpt.enable_input_require_grads()
+    got = _grads(ckpt, loss_fn)
+    _assert_same(got, ref)
+    assert not images.requires_grad  # the caller's tensor is not modified
+    import pickle
+    fresh = fastpeft.get_peft_model(fp_vit(), VIT_CONFIGS[method]())
+    fresh.enable_input_require_grads()
+    pickle.loads(pickle.dumps(fresh))  # the hook is picklable (models with it enabled still pickle)
+    ckpt.disable_input_require_grads()
+    if first:
+        with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
+            _grads_or_none(ckpt, loss_fn)
+
+
+def _grads_or_none(pm, loss_fn, seed=11):
+    pm.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss_fn(pm).backward()
+    return {n: (None if p.grad is None else p.grad.clone()) for n, p in pm.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("family", ["fp_bert", "hf_llama"])
+@pytest.mark.parametrize("dora", [False, True])
+def test_enable_input_require_grads_token_models(family, dora):
+    """Token models: the input word embeddings' output requires grad (fastpeft BERT: its
+    ``embeddings.word_embeddings``; HF models: their own ``enable_input_require_grads``, which HF
+    ``gradient_checkpointing_enable(use_reentrant=True)`` calls)."""
+    from tests.api._models import fp_bert
+    x = torch.randint(1, 64, (2, 9), generator=torch.Generator().manual_seed(6))
+    targets = ["query", "value", "dense"] if family == "fp_bert" else ["q_proj", "v_proj", "down_proj"]
+
+    def config():
+        return fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=targets, use_dora=dora)
+
+    if family == "fp_bert":
+        build = fp_bert
+
+        def loss_fn(pm):
+            return pm(input_ids=x).float().pow(2).mean()
+    else:
+        build = hf_llama
+
+        def loss_fn(pm):
+            return pm(input_ids=x, labels=x).loss
+    ref = _grads(_seeded(fastpeft.get_peft_model(build(), config())), loss_fn)
+    ckpt = _seeded(fastpeft.get_peft_model(build(), config()))
+    if family == "fp_bert":  # reentrant checkpoint around the first layer (called positionally)
+        blk = ckpt.get_base_model().bert.encoder.layer[0]
+        orig = blk.forward
+        blk.forward = lambda *a: checkpoint(orig, *a, use_reentrant=True)
+        first = ".layer.0."
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        _assert_same(_grads(ckpt, loss_fn), ref)  # HF enabled input grads itself
+        ckpt.disable_input_require_grads()  # now the pitfall: no layer's input requires grad
+        first = None
+    with pytest.warns(UserWarning, match="None of the inputs have requires_grad=True"):
+        if first is None:  # every layer checkpointed: nothing in the loss requires grad
+            with pytest.raises(RuntimeError, match="does not require grad"):
+                _grads_or_none(ckpt, loss_fn)
+        else:
+            got = _grads_or_none(ckpt, loss_fn)
+            assert all(g is None for n, g in got.items() if first in n)
+    ckpt.enable_input_require_grads()
+    _assert_same(_grads(ckpt, loss_fn), ref)

@@ -1,5 +1,6 @@
 """Checkpoint safety for training runs: atomic saves (a crash mid-save never leaves a checkpoint
 that loads), checksummed weights, and in-place reloads (resuming) that validate everything first."""
+import copy
 import os
 
 import pytest
@@ -177,3 +178,149 @@ def test_crash_between_renames_leaves_no_loadable_checkpoint(tmp_path, monkeypat
     live.load_adapter(d, "default", is_trainable=True)
     assert _same(_adapter(live), _adapter(new))
     assert _leftovers(d) == []
+
+
+def _load_all_ways(live, base, d):
+    """Every public entry point that reads a checkpoint directory; ``-> the errors raised``."""
+    errors = []
+    for load in (lambda: live.load_adapter(d, "default", is_trainable=True),  # in place (resume)
+                 lambda: live.load_adapter(d, "other"),  # as a new adapter
+                 lambda: fastpeft.PeftModel.from_pretrained(base, d),  # onto a bare model
+                 lambda: fastpeft.PeftModel.from_pretrained(base, d, is_trainable=True)):
+        with pytest.raises(ValueError) as e:
+            load()
+        errors.append(str(e.value))
+    return errors
+
+
+def test_every_truncation_fails_clearly_on_every_entry_point(tmp_path):
+    """The weights file cut at (nearly) every byte offset (0 bytes, inside the 8-byte length, the
+    JSON header, the tensor data, 1 byte short): each load entry point raises a ValueError naming the
+    file, and neither the live PeftModel nor the bare base model changes."""
+    d = str(tmp_path / "c")
+    _model(seed=1).save_pretrained(d)
+    path = os.path.join(d, WEIGHTS_NAME)
+    data = open(path, "rb").read()
+    live, base = _model(seed=2), build("hf_llama")
+    before, base_before, out = snapshot(live), snapshot(base), run("hf_llama", live)
+    import struct
+    header_end = 8 + struct.unpack("<Q", data[:8])[0]
+    # every offset up to a little past the header, then every 11th byte of the data, and the last 16
+    cuts = sorted(set(range(header_end + 16)) | set(range(header_end, len(data), 11)) |
+                  set(range(len(data) - 16, len(data))))
+    for cut in cuts:
+        with open(path, "wb") as f:
+            f.write(data[:cut])
+        for msg in _load_all_ways(live, base, d):
+            assert path in msg and "truncated" in msg, (cut, msg)
+    assert_same_snapshot(before, snapshot(live))
+    assert_same_snapshot(base_before, snapshot(base))
+    assert list(live.peft_config) == ["default"] and torch.equal(run("hf_llama", live), out)
+
+
+def _rewrite_header(data: bytes, edit) -> bytes:
+    """``data`` with its safetensors JSON header passed through ``edit`` (tensor bytes kept)."""
+    import json
+    import struct
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    text += b" " * ((-len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
+
+
+def _first_key(h):
+    return sorted(k for k in h if k != "__metadata__")[0]
+
+
+def _shrink_data(h):  # a header that parses but whose tensor spans more bytes than the file holds
+    k = _first_key(h)
+    h[k]["data_offsets"][1] += 4096
+
+
+def _reshape(h):  # same byte count, another shape: a checkpoint of another model
+    k = _first_key(h)
+    r, c = h[k]["shape"]
+    h[k]["shape"] = [r * 2, c // 2]
+
+
+def _retype(h):  # the same bytes read as int32
+    h[_first_key(h)]["dtype"] = "I32"
+
+
+def _drop_checksum(h):
+    h["__metadata__"].pop(CHECKSUM_KEY)
+
+
+@pytest.mark.parametrize("edit,words", [
+    (_shrink_data, ["truncated"]),
+    (_reshape, ["checksum"]),
+    (_retype, ["checksum"]),
+    ((lambda h: (_drop_checksum(h), _reshape(h))), ["expected shape"]),  # PEFT-written (no checksum)
+    ((lambda h: (_drop_checksum(h), _retype(h))), ["expected a floating tensor"]),
+], ids=["data-short", "reshaped", "retyped", "reshaped-no-checksum", "retyped-no-checksum"])
+def test_bad_header_fails_clearly_on_every_entry_point(tmp_path, edit, words):
+    d = str(tmp_path / "c")
+    _model(seed=1).save_pretrained(d)
+    path = os.path.join(d, WEIGHTS_NAME)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(_rewrite_header(data, edit))
+    live, base = _model(seed=2), build("hf_llama")
+    before, base_before = snapshot(live), snapshot(base)
+    for msg in _load_all_ways(live, base, d):
+        assert path in msg and all(w in msg for w in words), msg
+    assert_same_snapshot(before, snapshot(live))
+    assert_same_snapshot(base_before, snapshot(base))
+
+
+def test_trailing_garbage_and_truncated_config_fail_clearly(tmp_path):
+    d = str(tmp_path / "c")
+    _model(seed=1).save_pretrained(d)
+    path, cfg = os.path.join(d, WEIGHTS_NAME), os.path.join(d, CONFIG_NAME)
+    data, text = open(path, "rb").read(), open(cfg, "rb").read()
+    live, base = _model(seed=2), build("hf_llama")
+    before, base_before = snapshot(live), snapshot(base)
+    with open(path, "wb") as f:  # bytes after the last tensor: not a file this library wrote
+        f.write(data + b"\0" * 16)
+    for msg in _load_all_ways(live, base, d):
+        assert path in msg, msg
+    with open(path, "wb") as f:
+        f.write(data)
+    for cut in (0, 1, len(text) // 2, len(text) - 1):
+        with open(cfg, "wb") as f:
+            f.write(text[:cut])
+        for msg in _load_all_ways(live, base, d):
+            assert cfg in msg and "corrupt adapter config" in msg, msg
+    assert_same_snapshot(before, snapshot(live))
+    assert_same_snapshot(base_before, snapshot(base))
+
+
+def test_truncated_optimizer_state_fails_clearly(tmp_path):
+    """fastpeft.distributed.load_optimizer (one process, no process group): a truncated
+    optimizer_state.pt raises naming the file and leaves the optimizer's state as it was."""
+    import fastpeft.distributed as fdist
+
+    src = _model(seed=1)
+    opt = torch.optim.AdamW(fdist.trainable_parameters(src), lr=1e-2)
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    src(input_ids=ids, labels=ids).loss.backward()
+    opt.step()  # a real AdamW state (step, exp_avg, exp_avg_sq per parameter)
+    fdist.save_pretrained(src, str(tmp_path), optimizer=opt)
+    path = os.path.join(str(tmp_path), fdist.OPTIMIZER_NAME)
+    data = open(path, "rb").read()
+    live = _model(seed=2)
+    opt2 = torch.optim.AdamW(fdist.trainable_parameters(live), lr=1e-2)
+    before = copy.deepcopy(opt2.state_dict())
+    for cut in (0, 10, len(data) // 2, len(data) - 1):
+        with open(path, "wb") as f:
+            f.write(data[:cut])
+        with pytest.raises(ValueError, match="truncated") as e:
+            fdist.load_optimizer(live, opt2, str(tmp_path))
+        assert path in str(e.value)
+        assert opt2.state_dict() == before
+    with open(path, "wb") as f:
+        f.write(data)
+    fdist.load_optimizer(live, opt2, str(tmp_path))
+    assert len(opt2.state) == len(fdist.trainable_parameters(live))

@@ -30,7 +30,7 @@ def _data(kind, n, seed):
     rows = []
     for i in range(n):
         ids = torch.randint(1, 64, (T,), generator=g)
-        label = torch.randint(0, 3, (), generator=g) if kind == "bert" else ids.clone()
+        label = torch.randint(0, 3, (), generator=g) if kind == "bert" else ids.clone()  # llama*: causal LM
         # "row_id": a column the model does not take - Trainer must drop it, not the real inputs
         rows.append(dict(input_ids=ids, attention_mask=torch.ones(T, dtype=torch.long), labels=label, row_id=i))
     return rows
@@ -41,6 +41,8 @@ KINDS = {
                                                   target_modules=["query", "value"], modules_to_save=["classifier"])),
     "llama": (hf_llama, lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
                                                     target_modules=["q_proj", "v_proj"])),
+    "llama_dora": (hf_llama, lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True,
+                                                         target_modules=["q_proj", "v_proj", "down_proj"])),
 }
 
 
@@ -70,14 +72,17 @@ def test_forward_signature_is_the_base_models():
     assert "args" not in params
 
 
+@pytest.mark.parametrize("label_names", [None, ["labels"]], ids=["found", "given"])
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_plain_trainer_trains_and_evaluates(kind, tmp_path):
+def test_plain_trainer_trains_and_evaluates(kind, label_names, tmp_path):
     pm = _model(kind)
     before = _adapter(pm)
     ev = _data(kind, 8, seed=2)
-    # the plain Trainer reads label names from the model *class*: name them (PeftTrainer finds them)
-    tr = transformers.Trainer(model=pm, args=_args(tmp_path, save_strategy="no", label_names=["labels"]),
+    # the plain Trainer reads label names from the model *class*: PeftModel's class carries the
+    # wrapped class's forward signature, so it finds them without TrainingArguments(label_names=...)
+    tr = transformers.Trainer(model=pm, args=_args(tmp_path, save_strategy="no", label_names=label_names),
                               train_dataset=_data(kind, 16, 1), eval_dataset=ev)
+    assert tr.label_names == ["labels"] and tr.can_return_loss is False
     out = tr.train()
     assert out.global_step == STEPS
     after = _adapter(pm)
@@ -143,3 +148,76 @@ def test_trainer_gradient_checkpointing_same_weights(tmp_path):
         runs[gc] = _adapter(pm)
     for k in runs[False]:
         torch.testing.assert_close(runs[True][k], runs[False][k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_plain_trainer_saves_and_resumes(kind, tmp_path):
+    """The plain Trainer saves a fastpeft model as it saves any non-``PreTrainedModel``: the whole
+    ``state_dict`` as ``model.safetensors`` (not PEFT format: that is PeftTrainer's), and resumes from
+    it to the uninterrupted run's adapter weights."""
+    train = _data(kind, 16, seed=1)
+    full = _model(kind)
+    transformers.Trainer(model=full, args=_args(tmp_path / "full"), train_dataset=train).train()
+    want = _adapter(full)
+    d = tmp_path / "full" / f"checkpoint-{SAVE_EVERY}"
+    assert (d / "model.safetensors").is_file() and not (d / WEIGHTS_NAME).exists()
+    resumed = _model(kind)
+    transformers.Trainer(model=resumed, args=_args(tmp_path / "resumed"), train_dataset=train).train(
+        resume_from_checkpoint=str(d))
+    got = _adapter(resumed)
+    assert max((got[k] - _adapter(_model(kind))[k]).abs().max().item() for k in got) > 1e-4  # it trained
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_trainer_reads_label_names_and_return_loss_from_the_wrapped_class():
+    """What Trainer reads from ``type(model)`` is the wrapped model class's, as for HF PEFT models:
+    ``find_labels`` (question answering: start / end positions) and ``can_return_loss``; the
+    per-class subclass pickles, deep-copies and ``torch.save``s as the model itself."""
+    import copy
+    import io
+    import pickle
+
+    from transformers import BertConfig, BertForQuestionAnswering
+    from transformers.utils.generic import can_return_loss, find_labels
+
+    c = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48)
+    for base in (BertForQuestionAnswering(c), hf_bert(), hf_llama()):
+        pm = fastpeft.get_peft_model(base, fastpeft.LoraConfig(r=2, target_modules=["query", "q_proj"]))
+        assert isinstance(pm, fastpeft.PeftModel)
+        assert find_labels(type(pm)) == find_labels(type(base)) != []
+        assert can_return_loss(type(pm)) == can_return_loss(type(base))
+        assert "adapter_names" in inspect.signature(type(pm).forward).parameters
+        buf = io.BytesIO()
+        torch.save(pm, buf)
+        buf.seek(0)
+        for back in (pickle.loads(pickle.dumps(pm)), copy.deepcopy(pm), torch.load(buf, weights_only=False)):
+            assert type(back) is type(pm) and find_labels(type(back)) == find_labels(type(base))
+    from tests.api._models import fp_vit
+    assert find_labels(type(fastpeft.get_peft_model(fp_vit(), fastpeft.LoraConfig(r=2, target_modules=["qkv"])))) == []
+
+
+def test_peft_trainer_tied_weights_model(tmp_path):
+    """GPT-2 ties ``wte`` and ``lm_head``: the plain Trainer's whole-``state_dict`` save cannot write
+    it (safetensors refuses shared tensors); PeftTrainer saves the adapter tensors only, which
+    ``peft.PeftModel.from_pretrained`` loads, and resumes from them."""
+    from ._models import hf_gpt2
+
+    def model():
+        torch.manual_seed(0)
+        return fastpeft.get_peft_model(hf_gpt2(), fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
+    train = _data("llama", 16, seed=1)
+    full = model()
+    PeftTrainer(model=full, args=_args(tmp_path / "full"), train_dataset=train).train()
+    last = tmp_path / "full" / f"checkpoint-{STEPS}"
+    assert sorted(p.name for p in last.iterdir() if p.name.startswith("adapter_")) == [CONFIG_NAME, WEIGHTS_NAME]
+    x = torch.stack([r["input_ids"] for r in train[:4]])
+    hp = peft.PeftModel.from_pretrained(hf_gpt2(), str(last)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hp(input_ids=x).logits, full.eval()(input_ids=x).logits, rtol=1e-5, atol=1e-5)
+    resumed = model()
+    PeftTrainer(model=resumed, args=_args(tmp_path / "resumed"), train_dataset=train).train(
+        resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{SAVE_EVERY}"))
+    want, got = _adapter(full), _adapter(resumed)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import fastpeft
 import fastpeft.distributed as fdist
 from fastpeft import _dropout
-from tests.api._models import fp_vit, hf_llama
+from tests.api._models import fp_vit, hf_bert, hf_gpt2, hf_llama
 
 G = 4  # global batch
 T = 8  # tokens per row
@@ -31,10 +31,23 @@ CONFIGS = {
     "lora": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     "lora_dropout": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3,
                                                 target_modules=["q_proj", "v_proj"]),
+    "dora": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                        use_dora=True),
+    "dora_dropout": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, use_dora=True,
+                                                target_modules=["q_proj", "v_proj", "down_proj"]),
     "adapter": lambda: fastpeft.AdapterConfig(kind="houlsby", bottleneck=4),
     "prefix": lambda: fastpeft.PrefixTuningConfig(num_virtual_tokens=2),
     "vpt": lambda: fastpeft.VPTConfig(num_prompts=2, deep=True),
+    "prompt": lambda: fastpeft.PromptTuningConfig(num_virtual_tokens=3),
+    "bitfit": lambda: fastpeft.BitFitConfig(),
+    # HF BERT sequence classification: LoRA + a trainable copy of the head (modules_to_save)
+    "lora_bert": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                             modules_to_save=["classifier"]),
+    # GPT-2: Conv1D targets, tied input / output embeddings in the frozen base
+    "lora_gpt2": lambda: fastpeft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"]),
 }
+#: base model per method (default: the tiny LLaMA)
+BASES = {"vpt": fp_vit, "bitfit": hf_bert, "lora_bert": hf_bert, "lora_gpt2": hf_gpt2}
 
 #: name -> (method, wrapper); wrapper: "ddp", "fsdp" (frozen base sharded), "fsdp_replicated" (base ignored)
 SCENARIOS = {
@@ -48,15 +61,30 @@ SCENARIOS = {
     "vpt_ddp": ("vpt", "ddp"),
     "vpt_fsdp": ("vpt", "fsdp"),
     "lora_dropout_ddp": ("lora_dropout", "ddp"),
+    "dora_ddp": ("dora", "ddp"),
+    "dora_fsdp": ("dora", "fsdp"),
+    "dora_dropout_ddp": ("dora_dropout", "ddp"),
+    "dora_dropout_fsdp": ("dora_dropout", "fsdp"),
+    "prompt_ddp": ("prompt", "ddp"),
+    "prompt_fsdp": ("prompt", "fsdp"),
+    "bitfit_ddp": ("bitfit", "ddp"),
+    "bitfit_fsdp": ("bitfit", "fsdp"),
+    "lora_bert_ddp": ("lora_bert", "ddp"),
+    "lora_bert_fsdp": ("lora_bert", "fsdp"),
+    "lora_gpt2_ddp": ("lora_gpt2", "ddp"),
+    "lora_gpt2_fsdp": ("lora_gpt2", "fsdp"),
     # no fastpeft helper: plain DistributedDataParallel(model) / fully_shard(model) as users write them
     "lora_ddp_plain": ("lora", "ddp_plain"),
     "lora_fsdp_plain": ("lora", "fsdp_plain"),
 }
 
+#: the scenarios whose 2-rank run saves a checkpoint after step SAVE_AFTER
+SAVED = ("lora_ddp", "lora_fsdp", "vpt_fsdp", "dora_fsdp", "lora_bert_fsdp")
+
 
 def build(method: str):
     torch.manual_seed(0)
-    base = fp_vit() if method == "vpt" else hf_llama()
+    base = BASES.get(method, hf_llama)()
     torch.manual_seed(0)
     pm = fastpeft.get_peft_model(base, CONFIGS[method]())
     with torch.no_grad():  # LoRA's B starts at zero: give every PEFT tensor a nonzero, seeded value
@@ -72,6 +100,8 @@ def batch(method: str, step: int):
     if method == "vpt":
         return torch.randn(G, 3, 16, 16, generator=g), torch.randint(0, 3, (G,), generator=g)
     x = torch.randint(1, 64, (G, T), generator=g)
+    if BASES.get(method) is hf_bert:  # sequence classification: one label per row
+        return x, torch.randint(0, 3, (G,), generator=g)
     return x, x
 
 
@@ -110,7 +140,7 @@ def train(name: str, rank: int = 0, world: int = 1, save_dir: Optional[str] = No
     model = build(method)
     if resume is not None:  # PEFT-format checkpoint, loaded before wrapping
         fdist.unwrap(model).load_adapter(resume, "default", is_trainable=True)
-    if method == "lora_dropout":
+    if method.endswith("_dropout"):
         fdist.set_dropout_rank(rank)
     comm = []
     if world > 1:
@@ -178,9 +208,9 @@ def reference_dropout_step(name: str, world: int) -> dict:
     return {"losses": losses, "params": full_params(model)}
 
 
-def dropout_outputs(rank: int) -> torch.Tensor:
-    """LoRA-with-dropout logits of one fixed batch under ``set_dropout_rank(rank)`` and seed 5."""
-    model = build("lora_dropout")
+def dropout_outputs(rank: int, method: str = "lora_dropout") -> torch.Tensor:
+    """LoRA- (or DoRA-) with-dropout logits of one fixed batch under ``set_dropout_rank(rank)`` and seed 5."""
+    model = build(method)
     fdist.set_dropout_rank(rank)
     torch.manual_seed(5)
     x, _ = batch("lora", 0)
@@ -197,15 +227,16 @@ def main(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         results = {}
         for name, (method, wrapper) in SCENARIOS.items():
-            save = os.path.join(out_dir, f"ckpt_{name}") if name in ("lora_ddp", "lora_fsdp", "vpt_fsdp") else None
+            save = os.path.join(out_dir, f"ckpt_{name}") if name in SAVED else None
             results[name] = train(name, rank, world, save_dir=save)
         for name in ("lora_ddp", "lora_fsdp"):  # resume a 1-process checkpoint on `world` ranks
             single = os.path.join(out_dir, "ckpt_single")
             results[f"resume_{name}"] = train(name, rank, world, resume=single, first_step=SAVE_AFTER)
-        mine = dropout_outputs(rank)
-        outs = [torch.zeros_like(mine) for _ in range(world)]
-        dist.all_gather(outs, mine)
-        results["dropout_outputs"] = outs
+        for method in ("lora_dropout", "dora_dropout"):
+            mine = dropout_outputs(rank, method)
+            outs = [torch.zeros_like(mine) for _ in range(world)]
+            dist.all_gather(outs, mine)
+            results[f"{method}_outputs"] = outs
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "results.pt"))
         # both ranks leave together: a rank that tears gloo down while its peer is still in its last

@@ -59,7 +59,10 @@ def assert_same_run(got, want):
         torch.testing.assert_close(got["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("name", [n for n in W.SCENARIOS if n != "lora_dropout_ddp"])
+DROPOUT = [n for n in W.SCENARIOS if "_dropout_" in n]
+
+
+@pytest.mark.parametrize("name", [n for n in W.SCENARIOS if n not in DROPOUT])
 def test_n_ranks_match_one_process(results, name):
     """3 AdamW steps: losses and updated PEFT parameters of 2 ranks x G/2 == 1 process x G."""
     assert len(results[name]["losses"]) == W.STEPS >= 3
@@ -74,25 +77,28 @@ def test_parameters_moved(results):
     assert moved > 1e-3
 
 
-def test_ddp_with_dropout_matches_per_rank_streams(results):
-    """Dropout on: DDP == one process running each rank's rows through that rank's dropout stream
-    (same generator state) and averaging the gradients."""
-    assert_same_run(results["lora_dropout_ddp"], W.reference_dropout_step("lora_dropout_ddp", WORLD))
+@pytest.mark.parametrize("name", DROPOUT)
+def test_data_parallel_with_dropout_matches_per_rank_streams(results, name):
+    """Dropout on (LoRA, DoRA; DDP and FSDP2): N ranks == one process running each rank's rows
+    through that rank's dropout stream (same generator state) and averaging the gradients."""
+    assert_same_run(results[name], W.reference_dropout_step(name, WORLD))
+    # and dropout mattered: without the per-rank streams (every rank on stream 0) the run differs
+    assert results[name]["losses"][1:] != pytest.approx(single(name)["losses"][1:], rel=1e-6, abs=1e-7)
 
 
-def test_dropout_masks_distinct_per_rank_and_reproducible(results):
-    outs = results["dropout_outputs"]
+@pytest.mark.parametrize("method", ["lora_dropout", "dora_dropout"])
+def test_dropout_masks_distinct_per_rank_and_reproducible(results, method):
+    outs = results[f"{method}_outputs"]
     assert not torch.equal(outs[0], outs[1]), "ranks drew the same dropout masks"
     for rank in range(WORLD):  # reproducible from (seed, rank), here in another process
-        torch.testing.assert_close(outs[rank], W.dropout_outputs(rank), rtol=0, atol=0)
-    model = W.build("lora_dropout").eval()  # and dropout really is on in training
+        torch.testing.assert_close(outs[rank], W.dropout_outputs(rank, method), rtol=0, atol=0)
+    model = W.build(method).eval()  # and dropout really is on in training
     x, _ = W.batch("lora", 0)
     with torch.no_grad():
         assert not torch.allclose(model(input_ids=x[:2]).logits, outs[0])
 
 
-@pytest.mark.parametrize("name", ["lora_ddp", "adapter_ddp", "prefix_ddp", "vpt_ddp", "lora_dropout_ddp",
-                                  "lora_ddp_plain"])
+@pytest.mark.parametrize("name", [n for n in W.SCENARIOS if W.SCENARIOS[n][1].startswith("ddp")])
 def test_ddp_communicates_only_peft_parameters(results, name):
     """Every gradient all-reduce carries exactly the trainable elements, once per step."""
     r = results[name]
@@ -101,7 +107,10 @@ def test_ddp_communicates_only_peft_parameters(results, name):
 
 
 @pytest.mark.parametrize("name,base_sharded", [("lora_fsdp", True), ("lora_fsdp_replicated", False),
-                                               ("adapter_fsdp", True), ("lora_fsdp_plain", True)])
+                                               ("adapter_fsdp", True), ("lora_fsdp_plain", True),
+                                               ("dora_fsdp", True), ("dora_dropout_fsdp", True),
+                                               ("prompt_fsdp", True), ("bitfit_fsdp", True),
+                                               ("lora_bert_fsdp", True), ("lora_gpt2_fsdp", True)])
 def test_fsdp_shards_and_optimizer(results, name, base_sharded):
     """FSDP2: the PEFT parameters are shards and the only thing the optimizer holds; the frozen
     base is sharded too, or (shard_base=False: ignored_params) plain replicated tensors."""
@@ -111,7 +120,7 @@ def test_fsdp_shards_and_optimizer(results, name, base_sharded):
     assert r["optimizer_params"] == r["trainable"]
 
 
-@pytest.mark.parametrize("name", ["lora_ddp", "lora_fsdp", "vpt_fsdp"])
+@pytest.mark.parametrize("name", W.SAVED)
 def test_resume_on_one_process(results, name):
     """A checkpoint saved by the 2 ranks after step 2 (PEFT format + optimizer state) resumes on
     1 process: step 3 gives the 2-rank run's loss and parameters."""
@@ -134,23 +143,28 @@ def test_resume_on_two_ranks(results, name):
         torch.testing.assert_close(got["params"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_rank0_checkpoint_is_peft_format(results):
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_rank0_checkpoint_is_peft_format(results, method):
     """Saved from FSDP2 shards: only the adapter tensors, whole, with PEFT's names - the same file a
-    single process writes, and Hugging Face PEFT loads it."""
+    single process writes, and Hugging Face PEFT loads it (DoRA: with its magnitude vectors)."""
     import peft
     from safetensors.torch import load_file
 
     from fastpeft.checkpoint import WEIGHTS_NAME
     from tests.api._models import hf_llama
 
-    d = os.path.join(results["dir"], "ckpt_lora_fsdp")
+    d = os.path.join(results["dir"], f"ckpt_{method}_fsdp")
     fsdp = load_file(os.path.join(d, WEIGHTS_NAME))
-    one = load_file(os.path.join(results["dir"], "ckpt_lora_ddp", WEIGHTS_NAME))
+    single_dir = os.path.join(results["dir"], f"ckpt_single_{method}")
+    if not os.path.isdir(single_dir):
+        W.train(f"{method}_ddp", save_dir=single_dir)
+    one = load_file(os.path.join(single_dir, WEIGHTS_NAME))
     assert set(fsdp) == set(one) and all("lora_" in k for k in fsdp)
     assert all(fsdp[k].shape == one[k].shape for k in fsdp)
+    assert any("lora_magnitude_vector" in k for k in fsdp) == (method == "dora")
     x, _ = W.batch("lora", 0)
     hp = peft.PeftModel.from_pretrained(hf_llama(), d).eval()
-    fp = W.build("lora").eval()
+    fp = W.build(method).eval()
     fp.load_adapter(d, "default")
     with torch.no_grad():
         torch.testing.assert_close(hp(input_ids=x).logits, fp(input_ids=x).logits, rtol=1e-5, atol=1e-5)
