@@ -31,10 +31,11 @@ inline bool dropout_keep(uint32_t seed, uint32_t threshold, int64_t idx) {
 
 // Σ_c part[c] for part (nch, R, C) contiguous, in chunk order (deterministic for a fixed nch),
 // as a new (R, C) tensor, or (C, R) with `transpose`, narrowed to its first `cols` columns
-// (before the transpose) and cast to `out_dtype`. One plain loop: the per-chunk partials of the
+// (before the transpose), times `scale`, and cast to `out_dtype`. One plain loop: the per-chunk partials of the
 // rank-r reductions are tiny (K×r), and the ATen ops this replaces (sum, narrow, t, to,
 // contiguous) cost ~60 µs a call, 3 % of a LoRA backward at 512×768 on 2 cores.
-inline at::Tensor sum_parts(const at::Tensor& part, bool transpose, int64_t cols, at::ScalarType out_dtype) {
+inline at::Tensor sum_parts(const at::Tensor& part, bool transpose, int64_t cols, at::ScalarType out_dtype,
+                            double scale = 1.0) {
   const int64_t nch = part.size(0), R = part.size(1), C = part.size(2);
   at::Tensor out = transpose ? at::empty({cols, R}, part.options().dtype(out_dtype))
                              : at::empty({R, cols}, part.options().dtype(out_dtype));
@@ -48,6 +49,7 @@ inline at::Tensor sum_parts(const at::Tensor& part, bool transpose, int64_t cols
         for (int64_t j = 0; j < cols; ++j) {
           T acc = p[i * C + j];
           for (int64_t c = 1; c < nch; ++c) acc += p[(c * R + i) * C + j];
+          if (scale != 1.0) acc *= static_cast<T>(scale);
           o[transpose ? j * R + i : i * cols + j] = static_cast<scalar_t>(acc);
         }
     });

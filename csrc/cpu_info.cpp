@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "brgemm.h"
 #include "gemm.h"
 #include "tune.h"
 
@@ -32,6 +33,9 @@ bool native_lowp_gemm(at::ScalarType dtype) { return fastpeft::native_lowp_gemm(
 // torch (blas.h; else prefix_attention's native bf16 / fp16 path widens its tiles for sgemm).
 bool lowp_blas(at::ScalarType dtype) { return fastpeft::blas::lowp_blas_native(dtype == at::kHalf); }
 
+// "" if lora's bf16 / fp16 "|brgemm" configuration can run `dtype` here (brgemm.h), else why not.
+std::string brgemm_why_not(at::ScalarType dtype) { return fastpeft::brg::why_not(dtype); }
+
 std::vector<std::string> tune_table() { return fastpeft::tune_table(); }
 
 void tune_reset() { fastpeft::tune_reset(); }
@@ -44,4 +48,5 @@ TORCH_LIBRARY_FRAGMENT(fastpeft_cpu, m) {
   m.def("native_lowp_gemm(ScalarType dtype) -> bool", &native_lowp_gemm);
   m.def("lowp_blas(ScalarType dtype) -> bool", &lowp_blas);
   m.def("tune_reset() -> ()", &tune_reset);
+  m.def("brgemm_why_not(ScalarType dtype) -> str", &brgemm_why_not);
 }

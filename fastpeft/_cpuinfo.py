@@ -69,14 +69,17 @@ def lowp_report() -> List[str]:
         name = str(dt).replace("torch.", "")
         blas = "MKL mixed-precision GEMMs" if torch.ops.fastpeft_cpu.lowp_blas(dt) else \
             "tiles widened to fp32 for sgemm (no MKL mixed-precision GEMM in this torch)"
+        why = torch.ops.fastpeft_cpu.brgemm_why_not(dt)
+        brg = (f"; lora may also run its rank-r products on oneDNN's {name} brgemm micro-kernels" if not why
+               else f"; no brgemm rank-r products for lora ({why})")
         if torch.ops.fastpeft_cpu.native_lowp_gemm(dt):
             lines.append(f"GEMM {name}: native on this CPU - lora, adapter, prefix_attention run their "
                          f"{name} GEMMs in {name} (fp32 accumulation; prefix_attention: {blas}); "
-                         f"no fp32 upcast")
+                         f"no fp32 upcast{brg}")
         else:
             lines.append(f"GEMM {name}: no native {name} GEMMs on this CPU - lora, adapter, prefix_attention "
                          f"time their native {name} path against 'upcast' (fp32 copies) per shape class "
-                         f"and keep the faster (prefix_attention native: {blas})")
+                         f"and keep the faster (prefix_attention native: {blas}){brg}")
     return lines
 
 

@@ -3,8 +3,8 @@
 Judged the way a user judges mixed precision: against the float64 oracle, the fused op's error
 is at most 2x the error PyTorch's own eager computation makes in the same dtype (reference
 backend), for the output and every gradient, on every configuration the op can choose
-(csrc/lora_cpu.cpp: native micro / blocked / whole-M GEMM, and "upcast" where the CPU has no
-native low-precision GEMMs).
+(csrc/lora_cpu.cpp: native micro / blocked / whole-M GEMM, brgemm where oneDNN has bf16 micro-kernels,
+and "upcast" where the CPU has no native low-precision GEMMs).
 """
 import math
 
@@ -94,7 +94,29 @@ def test_lowp_native_on_bf16_cpus():
         assert "upcast" not in configs, configs
     else:
         assert "upcast" in configs, configs
-    assert "upcast" in _configs(torch.bfloat16, r=300)  # beyond the micro-kernels' ranks
+    # Beyond the micro-kernels' ranks: brgemm where oneDNN has bf16 micro-kernels, else upcast.
+    wide = _configs(torch.bfloat16, r=300)
+    assert ("aten|brgemm" in wide) != ("upcast" in wide), wide
+
+
+def test_lowp_brgemm_offered_where_onednn_has_kernels():
+    """The brgemm configuration is offered exactly where `info` says oneDNN's bf16 micro-kernels run."""
+    why = torch.ops.fastpeft_cpu.brgemm_why_not(torch.bfloat16)
+    assert ("aten|brgemm" in _configs(torch.bfloat16)) == (why == ""), why
+    assert torch.ops.fastpeft_cpu.brgemm_why_not(torch.float32) != ""
+
+
+@pytest.mark.parametrize("br", ["2", "3", "16"])
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["p0", "p0.3"])
+def test_lowp_brgemm_small_blocks(monkeypatch, br, p):
+    """The brgemm passes with many row blocks, odd block heights (pair-padded VNNI operands),
+    odd K / N (zero pad columns), ranks that are not a multiple of the tile depth, and strided x."""
+    if torch.ops.fastpeft_cpu.brgemm_why_not(torch.bfloat16) != "":
+        pytest.skip(torch.ops.fastpeft_cpu.brgemm_why_not(torch.bfloat16))
+    monkeypatch.setenv("FASTPEFT_LORA_BR", br)
+    for M, K, N, r, kw in [(37, 129, 65, 7, {}), (20, 64, 33, 40, dict(noncontig=True)), (9, 31, 128, 1, {}),
+                           (41, 96, 80, 16, dict(lead=(2,), train_weight=True))]:
+        check_lowp(M, K, N, r, torch.bfloat16, p, config="aten|brgemm", monkeypatch=monkeypatch, **kw)
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=lambda d: DTYPE_IDS[d])
