@@ -69,7 +69,10 @@ def lowp_report() -> List[str]:
         name = str(dt).replace("torch.", "")
         blas = "MKL mixed-precision GEMMs" if torch.ops.fastpeft_cpu.lowp_blas(dt) else \
             "tiles widened to fp32 for sgemm (no MKL mixed-precision GEMM in this torch)"
-        why = torch.ops.fastpeft_cpu.brgemm_why_not(dt)
+        try:
+            why = torch.ops.fastpeft_cpu.brgemm_why_not(dt)
+        except (AttributeError, RuntimeError) as exc:  # an extension built before this op existed
+            why = f"this build of the C++ extension predates it ({type(exc).__name__})"
         brg = (f"; lora may also run its rank-r products on oneDNN's {name} brgemm micro-kernels" if not why
                else f"; no brgemm rank-r products for lora ({why})")
         if torch.ops.fastpeft_cpu.native_lowp_gemm(dt):
