@@ -131,6 +131,28 @@ def main(path: str) -> int:
                  "uniform / Zipf | ≥ 3× | "
                  + " / ".join(ratio(ms("multi_lora", "peft", "fwd", s), ms("multi_lora", "fastpeft", "fwd", s))
                               for s in ml) + " |")
+    # issue 13: DoRA (fastpeft/bench/dora.py); "two frozen steps" = twice the faster frozen provider's step
+    def dora(prov, s):
+        return ms("dora", prov, "full", s)
+
+    d_shapes = [f"M=4096 K=768 N={n} r=16 p={p}" for p in ("0.0", "0.1") for n in (768, 3072)]
+    lines.append("| DoRA step / fastpeft LoRA step, no dropout, (4096,768,768) / (4096,768,3072) | ≤ 1.25× | "
+                 + " / ".join(ratio(dora("fastpeft", s), dora("fastpeft_lora", s)) for s in d_shapes[:2]) + " |")
+
+    def two_frozen(s):
+        fs = [v for v in (dora("frozen", s), dora("frozen_onednn", s)) if v]
+        return 2 * min(fs) if fs else None
+
+    lines.append("| DoRA step / two frozen steps, p=0.1, (4096,768,768) / (4096,768,3072) | ≤ 1.15× | "
+                 + " / ".join(ratio(dora("fastpeft", s), two_frozen(s)) for s in d_shapes[2:]) + " |")
+    lines.append("| DoRA step, PEFT DoRA time / fastpeft time, p=0: 768 / 3072, p=0.1: 768 / 3072 | ≥ 1.6× | "
+                 + " / ".join(ratio(dora("peft_dora", s), dora("fastpeft", s)) for s in d_shapes) + " |")
+    dmem = []
+    for s in d_shapes:
+        f, lo, pe = (mb("dora", q, "full", s) for q in ("fastpeft", "fastpeft_lora", "peft_dora"))
+        dmem.append(f"{f:.1f} / {lo:.1f} / {pe:.1f}" if None not in (f, lo, pe) else "n/a")
+    lines.append("| DoRA step peak MB, DoRA / LoRA / PEFT DoRA, same four cases | LoRA + O(N + M·r) | "
+                 + "; ".join(dmem) + " |")
     print("\n".join(lines))
     return 0
 
