@@ -548,6 +548,12 @@ class PeftModel(nn.Module):
     def __repr__(self) -> str:
         return f"PeftModel(adapters={list(self.peft_config)}, active={self._active})\n{self.base_model.model!r}"
 
+    def _get_name(self) -> str:
+        """The wrapped model's name. HF ``Trainer`` reads ``model._get_name()`` (for Hugging Face PEFT
+        models, the wrapped model's) to decide whether label smoothing shifts the labels as for a
+        causal LM; ``repr`` above does not use it."""
+        return self.base_model.model._get_name()
+
 
 def _new_instance(cls, *args):
     """Unpickling: ``cls.__new__`` (``copyreg.__newobj__`` for a class other than the pickled one)."""

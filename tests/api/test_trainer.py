@@ -221,3 +221,21 @@ def test_peft_trainer_tied_weights_model(tmp_path):
     want, got = _adapter(full), _adapter(resumed)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_label_smoothing_shifts_labels_as_for_the_wrapped_model(kind, tmp_path):
+    """With label_smoothing_factor, Trainer shifts the labels for causal LMs, which it recognises by
+    model._get_name() (for HF PEFT models, the wrapped model's): a fastpeft model answers with the
+    wrapped model's name, so its smoothed loss is the causal one (llama) or the plain one (bert)."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    pm = _model(kind).eval()
+    assert pm._get_name() == pm.get_base_model()._get_name() and repr(pm).startswith("PeftModel(")
+    trainer = transformers.Trainer(model=pm, args=_args(tmp_path, label_smoothing_factor=0.1))
+    batch = {k: torch.stack([r[k] for r in _data(kind, 4, 3)]) for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        loss = trainer.compute_loss(pm, dict(batch))
+        out = pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    expected = LabelSmoother(epsilon=0.1)(out, batch["labels"], shift_labels=(kind == "llama"))
+    torch.testing.assert_close(loss, expected)
