@@ -738,6 +738,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowp_bwd_brg(
     bool need_weight, bool need_bias) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = A.size(0);
+  // Np: N pair-padded (dy as an A operand); rr: the rank padded with zero columns to a multiple of
+  // 32, AMX's bf16 tile depth, for dx's product over the rank.
   const int64_t Np = N + (N & 1), rr = (r + 31) / 32 * 32;
   const auto opts = x.options();
   const auto fopts = opts.dtype(at::kFloat);
