@@ -147,17 +147,17 @@ def fresh_copy(model):
     return copy.deepcopy(model)
 
 
-def assert_rows_match_peft(hp, ours, ids, mask, names):
-    """Row i of the mixed-batch logits ``ours`` equals the HF PEFT model ``hp`` run on that row alone
-    with adapter ``names[i]`` (adapters disabled for ``"__base__"``). Leaves ``hp``'s active adapter
-    changed."""
+def assert_rows_match_peft(model, ours, inputs, names):
+    """Row i of the mixed-batch logits ``ours`` equals ``model`` (a PEFT model: HF's or fastpeft's)
+    run on row i of every tensor in ``inputs`` alone with adapter ``names[i]`` (adapters disabled
+    for ``"__base__"``). Leaves ``model``'s active adapter changed."""
     with torch.no_grad():
         for i, n in enumerate(names):
-            row = dict(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1])
+            row = {k: v[i:i + 1] for k, v in inputs.items()}
             if n == "__base__":
-                with hp.disable_adapter():
-                    expect = hp(**row).logits
+                with model.disable_adapter():
+                    expect = model(**row).logits
             else:
-                hp.set_adapter(n)
-                expect = hp(**row).logits
+                model.set_adapter(n)
+                expect = model(**row).logits
             torch.testing.assert_close(ours[i:i + 1], expect, rtol=1e-5, atol=1e-5, msg=f"row {i} ({n})")

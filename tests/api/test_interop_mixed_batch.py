@@ -99,7 +99,7 @@ def test_patched_mixed_batch_equals_peft_row_by_row(family, monkeypatch):
     with torch.no_grad():
         theirs = hp(input_ids=ids, attention_mask=mask, adapter_names=names).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert_rows_match_peft(hp, ours, ids, mask, names)  # each row as PEFT runs it alone
+    assert_rows_match_peft(hp, ours, dict(input_ids=ids, attention_mask=mask), names)  # each row as PEFT runs it alone
     hp.set_adapter("a")
     kw = dict(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=4, do_sample=False)
     assert torch.equal(fast.generate(**kw), hp.generate(**kw))

@@ -77,7 +77,7 @@ def test_peft_saved_adapters_mixed_batch_row_by_row(family, tmp_path, monkeypatc
         theirs = hp(input_ids=ids, attention_mask=mask, adapter_names=names).logits
     assert count.calls > 0
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert_rows_match_peft(hp, ours, ids, mask, names)  # each row as PEFT runs it alone
+    assert_rows_match_peft(hp, ours, dict(input_ids=ids, attention_mask=mask), names)  # each row as PEFT runs it alone
     hp.set_adapter(names[0] if names[0] != "__base__" else "a")
     out = fp.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=5, do_sample=False)
     ref = hp.generate(input_ids=ids, attention_mask=mask, adapter_names=names, max_new_tokens=5, do_sample=False)
