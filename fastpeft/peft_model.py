@@ -122,10 +122,7 @@ class PeftModel(nn.Module):
             base = inspect.signature(self.base_model.model.forward)
         except (TypeError, ValueError):  # a forward without an inspectable signature: keep *args, **kwargs
             return
-        params = list(base.parameters.values())
-        if "adapter_names" not in base.parameters:
-            at = next((i for i, q in enumerate(params) if q.kind is q.VAR_KEYWORD), len(params))
-            params.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+        params = _with_adapter_names(base)
         try:
             sig = base.replace(parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)] + params)
         except ValueError:  # e.g. a parameter named self: keep the generic signature
@@ -570,6 +567,16 @@ def _forward_with_signature(impl, sig: inspect.Signature):
     return forward
 
 
+def _with_adapter_names(sig: inspect.Signature) -> List[inspect.Parameter]:
+    """``sig``'s parameters with a keyword-only ``adapter_names=None`` before any ``**kwargs``
+    (unless it has one already)."""
+    params = list(sig.parameters.values())
+    if "adapter_names" not in sig.parameters:
+        at = next((i for i, q in enumerate(params) if q.kind is q.VAR_KEYWORD), len(params))
+        params.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY, default=None))
+    return params
+
+
 _SIGNATURE_CLASSES: Dict[Tuple[type, type], Optional[type]] = {}
 
 
@@ -583,11 +590,7 @@ def _signature_class(public: type, wrapped: type) -> Optional[type]:
             sig = inspect.signature(wrapped.forward)
             params = list(sig.parameters.values())
             if params and params[0].kind in (params[0].POSITIONAL_ONLY, params[0].POSITIONAL_OR_KEYWORD):
-                if "adapter_names" not in sig.parameters:
-                    at = next((i for i, q in enumerate(params) if q.kind is q.VAR_KEYWORD), len(params))
-                    params.insert(at, inspect.Parameter("adapter_names", inspect.Parameter.KEYWORD_ONLY,
-                                                        default=None))
-                sig = sig.replace(parameters=params)
+                sig = sig.replace(parameters=_with_adapter_names(sig))
                 name = public.__name__
                 if "QuestionAnswering" in wrapped.__name__ and "QuestionAnswering" not in name:
                     name += "ForQuestionAnswering"
