@@ -6,7 +6,9 @@
 //   y[i] = x[i]·Wᵀ + b + s[a]·t[i]·B[a]ᵀ         (M, N)
 //
 // The frozen GEMM is the same for every row, so it runs ONCE for the whole batch (one
-// multi-threaded ATen/MKL call accumulating in place, beta = 1), whatever the adapter mix. Only
+// multi-threaded call accumulating in place, beta = 1), whatever the adapter mix, on the GEMM
+// library (ATen/MKL or oneDNN, gemm.h) timed fastest for the shape class on this machine (tune.h:
+// oneDNN's fp32 GEMM ran 2x faster than MKL's on an AMD EPYC, MKL won on an Intel Xeon). Only
 // the rank-r work depends on the adapter: the rows are grouped by adapter with a stable counting
 // sort (segments in adapter order, rows in their original order inside a segment), each segment
 // is cut into blocks of at most BR rows, and one parallel pass over the blocks does, per block,
@@ -35,11 +37,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "blas.h"
 #include "common.h"
+#include "gemm.h"
+#include "tune.h"
 
 namespace {
 
@@ -168,7 +173,8 @@ void gather(const T* v, int64_t s0, int64_t s1, const int64_t* rows, int64_t m, 
 template <typename T>
 std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                     const Tensor& A_in, const Tensor& B_in, c10::ArrayRef<double> scaling,
-                                    const Tensor& ids, double p, const std::optional<Tensor>& seed) {
+                                    const Tensor& ids, double p, const std::optional<Tensor>& seed,
+                                    fastpeft::Lib lib) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels, no autograd graph
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), n = A_in.size(0), r = A_in.size(1);
   const auto opts = x.options();
@@ -219,7 +225,7 @@ std::tuple<Tensor, Tensor> fwd_impl(const Tensor& x, const Tensor& weight, const
       }
     }
   });
-  if (M > 0 && K > 0) y.addmm_(x, weight.t());  // the frozen GEMM, once, for every row
+  fastpeft::gemm(x, weight.t(), y, 1.0, 1.0, lib);  // the frozen GEMM, once, for every row
   return {y, t};
 }
 
@@ -227,7 +233,7 @@ template <typename T>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     const Tensor& dy, const Tensor& x, const Tensor& weight, const Tensor& A_in, const Tensor& B_in,
     const Tensor& t_in, c10::ArrayRef<double> scaling, const Tensor& ids, double p,
-    const std::optional<Tensor>& seed, bool need_x, bool need_weight, bool need_bias) {
+    const std::optional<Tensor>& seed, bool need_x, bool need_weight, bool need_bias, fastpeft::Lib lib) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), n = A_in.size(0), r = A_in.size(1);
   const auto opts = x.options();
@@ -293,8 +299,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
       }
     }
   });
-  if (need_x && M > 0 && N > 0) dx.addmm_(dy, weight);  // the frozen GEMM's dx, once, for every row
-  Tensor dW = need_weight ? at::mm(dy.t(), x) : at::empty({0}, opts);
+  if (need_x) fastpeft::gemm(dy, weight, dx, 1.0, 1.0, lib);  // the frozen GEMM's dx, once, for every row
+  Tensor dW = need_weight ? at::empty({N, K}, opts) : at::empty({0}, opts);
+  if (need_weight) fastpeft::gemm(dy.t(), x, dW, 0.0, 1.0, lib);
   Tensor db = need_bias ? dy.sum(0) : at::empty({0}, opts);
   return {dx, dW, db, dA, dB};
 }
@@ -314,6 +321,31 @@ void check_args(const char* op, const Tensor& x, const Tensor& weight, const Ten
 }
 
 bool is_half(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+
+// The GEMM libraries that may run the frozen GEMM here, and the tune key of a call's shape class.
+std::vector<fastpeft::Lib> libs_for(at::ScalarType st) {
+  const auto l = fastpeft::allowed_libs(st);
+  std::vector<fastpeft::Lib> out;
+  if (l.aten) out.push_back(fastpeft::Lib::Aten);
+  if (l.onednn) out.push_back(fastpeft::Lib::OneDnn);
+  return out;
+}
+
+std::vector<std::string> lib_names(const std::vector<fastpeft::Lib>& libs) {
+  std::vector<std::string> n;
+  for (auto l : libs) n.push_back(fastpeft::lib_name(l));
+  return n;
+}
+
+std::string key_of(const char* op, const Tensor& x, int64_t N, int64_t n, int64_t r,
+                   const std::vector<fastpeft::Lib>& libs) {
+  std::string k = std::string(op) + " " + c10::toString(x.scalar_type()) + " M~" +
+                  std::to_string(fastpeft::row_class(x.size(0))) + " K=" + std::to_string(x.size(1)) +
+                  " N=" + std::to_string(N) + " n=" + std::to_string(n) + " r=" + std::to_string(r) +
+                  " threads=" + std::to_string(at::get_num_threads());
+  for (auto l : libs) k += std::string(" ") + fastpeft::lib_name(l);
+  return k;
+}
 Tensor to_f32(const Tensor& t) { return t.to(at::kFloat); }
 
 std::tuple<Tensor, Tensor> multi_lora_fwd(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -329,7 +361,15 @@ std::tuple<Tensor, Tensor> multi_lora_fwd(const Tensor& x, const Tensor& weight,
   }
   std::tuple<Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_fwd", [&] {
-    out = fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p, seed);
+    const auto libs = libs_for(x.scalar_type());
+    auto run = [&](int i) {
+      return fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p, seed, libs[i]);
+    };
+    const int pick = fastpeft::tuned_choice(key_of("multi_lora_fwd", x, weight.size(0), lora_A.size(0),
+                                                   lora_A.size(1), libs),
+                                            lib_names(libs), 1.0 * x.size(0) * x.size(1) * weight.size(0),
+                                            [&](int i) { run(i); });
+    out = run(pick);
   });
   return out;
 }
@@ -350,8 +390,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_bwd(
   }
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_bwd", [&] {
-    out = bwd_impl<scalar_t>(dy, x, weight, lora_A, lora_B, t, scaling, adapter_ids, dropout_p, seed, need_x,
-                             need_weight, need_bias);
+    const auto libs = libs_for(x.scalar_type());
+    auto run = [&](int i) {
+      return bwd_impl<scalar_t>(dy, x, weight, lora_A, lora_B, t, scaling, adapter_ids, dropout_p, seed, need_x,
+                                need_weight, need_bias, libs[i]);
+    };
+    const std::string key = key_of("multi_lora_bwd", x, weight.size(0), lora_A.size(0), lora_A.size(1), libs) +
+                            (need_x ? " dx" : "") + (need_weight ? " dW" : "");
+    const double work = (need_x + need_weight) * 1.0 * x.size(0) * x.size(1) * weight.size(0);
+    const int pick = fastpeft::tuned_choice(key, lib_names(libs), work, [&](int i) { run(i); });
+    out = run(pick);
   });
   return out;
 }

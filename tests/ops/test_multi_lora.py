@@ -149,6 +149,22 @@ def test_large_rows_ragged_blocks(backend, monkeypatch):
     check(backend, (50,), 33, 17, 5, 4, torch.float64, p=0.2)
 
 
+@pytest.mark.parametrize("lib", ["aten", "onednn"])
+def test_cpu_gemm_libraries(monkeypatch, lib):
+    """The C++ op's frozen GEMMs (y += x·Wᵀ, dx += dy·W, dW = dyᵀ·x) on each library tune.h chooses
+    between, forced by name; fp64 keeps ATen whatever is asked."""
+    if "cpu" not in [b.id for b in BACKENDS]:
+        pytest.skip("C++ backend not built")
+    if lib == "onednn" and "onednn ok" not in torch.ops.fastpeft_cpu.gemm_libs()[0]:
+        pytest.skip("oneDNN cannot run here")
+    monkeypatch.setenv("FASTPEFT_CPU_CONFIG", lib)
+    check("cpu", (600,), 129, 97, 16, 5, torch.float32, p=0.1, noncontig=True, train_weight=True)
+    check("cpu", (4, 9), 65, 33, 6, 4, torch.float32, per_sample=True)
+    with pytest.raises(RuntimeError, match="FASTPEFT_CPU_CONFIG"):
+        monkeypatch.setenv("FASTPEFT_CPU_CONFIG", "nope")
+        check("cpu", (9,), 65, 33, 6, 4, torch.float32)
+
+
 # --- equal to the single-adapter op, row group by row group -----------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_equals_lora_linear_per_adapter(backend):
