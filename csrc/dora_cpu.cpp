@@ -159,14 +159,6 @@ void drop_rows(uint32_t seed, uint32_t thr, T scale, int64_t row0, int64_t rows,
 #pragma GCC pop_options
 #endif
 
-std::vector<fastpeft::Lib> libs_for(at::ScalarType st) {
-  const auto l = fastpeft::allowed_libs(st);
-  std::vector<fastpeft::Lib> out;
-  if (l.aten) out.push_back(fastpeft::Lib::Aten);
-  if (l.onednn) out.push_back(fastpeft::Lib::OneDnn);
-  return out;
-}
-
 // Forward configurations: the GEMM library; the forward always runs its GEMMs per row block
 // ("+blocked": drop(x) exists only as per-thread block scratch).
 std::vector<std::string> fwd_names(const std::vector<fastpeft::Lib>& libs) {
@@ -274,7 +266,7 @@ struct BwdCfg {
 
 std::vector<BwdCfg> bwd_candidates(at::ScalarType st) {
   std::vector<BwdCfg> out;
-  for (auto lib : libs_for(st))
+  for (auto lib : fastpeft::allowed_lib_list(st))
     for (bool blocked : {false, true}) out.push_back({lib, blocked});
   return out;
 }
@@ -439,7 +431,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> dora_fwd(const Tensor& x, const Tenso
   const Tensor gm1 = g - 1;
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dora_fwd", [&] {
-    const auto libs = libs_for(x.scalar_type());
+    const auto libs = fastpeft::allowed_lib_list(x.scalar_type());
     auto run = [&](int i) { return fwd_drop<scalar_t>(x, weight, bias, lora_A, Bg, gm1, scaling, dropout_p, sd, libs[i]); };
     const int pick = fastpeft::tuned_choice(key_of("dora_fwd drop", x, M, K, N, r, libs), fwd_names(libs),
                                             2.0 * M * K * N, [&](int i) { run(i); });
@@ -503,7 +495,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dora_bwd(
   const Tensor gm1 = g - 1;
   const Tensor v = need_mag ? yv_in.contiguous() : yv_in;
   AT_DISPATCH_FLOATING_TYPES(st, "dora_bwd", [&] {
-    const auto libs = libs_for(st);
+    const auto libs = fastpeft::allowed_lib_list(st);
     const auto cands = bwd_candidates(st);
     std::vector<std::string> names;
     for (const auto& c : cands) names.push_back(c.name());

@@ -30,6 +30,7 @@
 #include <cstring>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace fastpeft {
 
@@ -108,6 +109,16 @@ inline LibChoice allowed_libs(at::ScalarType st) {
     return {false, true};
   }
   TORCH_CHECK(false, "FASTPEFT_CPU_GEMM: expected 'aten', 'onednn' or 'auto', got '", e, "'");
+}
+
+// The libraries allowed for dtype st (allowed_libs), as the list an op times: ATen first (the
+// untuned default), then oneDNN.
+inline std::vector<Lib> allowed_lib_list(at::ScalarType st) {
+  const auto l = allowed_libs(st);
+  std::vector<Lib> out;
+  if (l.aten) out.push_back(Lib::Aten);
+  if (l.onednn) out.push_back(Lib::OneDnn);
+  return out;
 }
 
 // out (n, o) = beta·out + alpha·a (n, k) · b (k, o). beta = 0 ignores out's contents (NaN too).

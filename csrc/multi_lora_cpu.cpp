@@ -322,15 +322,7 @@ void check_args(const char* op, const Tensor& x, const Tensor& weight, const Ten
 
 bool is_half(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
-// The GEMM libraries that may run the frozen GEMM here, and the tune key of a call's shape class.
-std::vector<fastpeft::Lib> libs_for(at::ScalarType st) {
-  const auto l = fastpeft::allowed_libs(st);
-  std::vector<fastpeft::Lib> out;
-  if (l.aten) out.push_back(fastpeft::Lib::Aten);
-  if (l.onednn) out.push_back(fastpeft::Lib::OneDnn);
-  return out;
-}
-
+// The candidates' names (one per GEMM library) and the tune key of a call's shape class.
 std::vector<std::string> lib_names(const std::vector<fastpeft::Lib>& libs) {
   std::vector<std::string> n;
   for (auto l : libs) n.push_back(fastpeft::lib_name(l));
@@ -361,7 +353,7 @@ std::tuple<Tensor, Tensor> multi_lora_fwd(const Tensor& x, const Tensor& weight,
   }
   std::tuple<Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_fwd", [&] {
-    const auto libs = libs_for(x.scalar_type());
+    const auto libs = fastpeft::allowed_lib_list(x.scalar_type());
     auto run = [&](int i) {
       return fwd_impl<scalar_t>(x, weight, bias, lora_A, lora_B, scaling, adapter_ids, dropout_p, seed, libs[i]);
     };
@@ -390,7 +382,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> multi_lora_bwd(
   }
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "multi_lora_bwd", [&] {
-    const auto libs = libs_for(x.scalar_type());
+    const auto libs = fastpeft::allowed_lib_list(x.scalar_type());
     auto run = [&](int i) {
       return bwd_impl<scalar_t>(dy, x, weight, lora_A, lora_B, t, scaling, adapter_ids, dropout_p, seed, need_x,
                                 need_weight, need_bias, libs[i]);
