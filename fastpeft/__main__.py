@@ -103,6 +103,17 @@ def _bench(args) -> int:
             path = bench.plot(rows, args.plot.replace(".png", f"_{op}.png"))
             if path:
                 print(f"plot: {path}")
+    if device.type == "cpu":
+        # Which configuration each C++ op timed fastest and ran, per shape class (csrc/tune.h): a
+        # figure depends on it, and another process may choose differently where two are close.
+        from fastpeft import _cpuinfo
+
+        tuned = [line for line in _cpuinfo.gemm_report() if line.startswith("tuned: ") and "->" in line]
+        if tuned:
+            print("\nconfigurations the C++ ops chose in this run (csrc/tune.h):")
+            print("\n".join(f"  {line[7:]}" for line in tuned))
+            md += ["<details><summary>configurations the C++ ops chose in this run (csrc/tune.h)</summary>", ""]
+            md += [f"- `{line[7:]}`" for line in tuned] + ["", "</details>", ""]
     if args.csv:
         print(f"\nCSV rows appended to {args.csv}")
     if args.markdown:
